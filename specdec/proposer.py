@@ -1,0 +1,137 @@
+"""The proposer API and the method registry.
+
+A method is one module in ``methods/`` holding one ``Proposer`` subclass decorated with
+``@register("key")`` plus one YAML in ``conf/method/``. The YAML's ``proposer:`` names the
+registered key; every other key except ``name`` becomes a constructor argument, so the
+constructor is the schema and a typo fails at start-up. The core never names a method.
+
+Call order per generation (one turn):  ``reset("turn")`` -> ``begin(ctx)`` ->
+``propose(ctx)`` / ``observe(step)`` per step -> ``end(ctx)``. ``reset("question")`` precedes
+each question and ``reset("run")`` starts a run (and follows warm-up unless
+``warmup_keeps_state``). What a scope clears is the method's own policy.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from .errors import UserError
+from .tree import DraftTree
+
+SCOPES = ("run", "question", "turn")
+
+
+@dataclass
+class Context:
+    """What a proposer may read when drafting. Owned and updated by the decode loop."""
+
+    tokens: list[int]  # committed sequence: prompt + generated; tokens[-1] is the root
+    prompt_len: int    # number of prompt tokens at the start of ``tokens``
+    remaining: int     # tokens this generation may still commit (max_new_tokens - generated)
+
+    @property
+    def root(self) -> int:
+        return self.tokens[-1]
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One verify step as the proposer's ``observe`` sees it."""
+
+    tree: DraftTree
+    logits: torch.Tensor  # float32 [T, V]: raw target logits after every tree node (before processors)
+    path: list[int]       # accepted node indices, root first (path[0] == 0)
+    committed: list[int]  # tokens committed this step: accepted drafts + bonus, after truncation
+    final: bool = False   # the generation ends after this step (stop token or length)
+
+
+@dataclass(frozen=True)
+class MethodEnv:
+    """What a method receives at construction besides its YAML knobs."""
+
+    vocab_size: int              # rows of the target's logits (may exceed len(tokenizer))
+    device: torch.device
+    tokenizer: Any               # the target's tokenizer (for corpus-built tables)
+    model: Any = None            # the target model, read-only (self-speculative methods)
+    seed: int = 0
+    cache_dir: Optional[str] = None  # where methods may cache built artefacts (outside git)
+
+
+class Proposer:
+    """Base class: a root-only tree each step (the autoregressive baseline)."""
+
+    def __init__(self, env: MethodEnv):
+        self.env = env
+
+    def propose(self, ctx: Context) -> DraftTree:
+        return DraftTree.root_only(ctx.root, self.env.device)
+
+    def begin(self, ctx: Context) -> None:
+        """A new generation starts; ``ctx.tokens`` holds the prompt."""
+
+    def observe(self, step: StepResult) -> None:
+        """Called after every verify step that committed at least one token."""
+
+    def end(self, ctx: Context) -> None:
+        """The generation finished (stop token or length)."""
+
+    def reset(self, scope: str) -> None:
+        """Forget learned state according to the method's policy for ``scope`` (``SCOPES``)."""
+
+    def stats(self) -> dict:
+        """Figures recorded in the run summary (e.g. table memory)."""
+        return {}
+
+
+_REGISTRY: dict[str, type[Proposer]] = {}
+
+
+def register(key: str) -> Callable[[type[Proposer]], type[Proposer]]:
+    """Class decorator: make a proposer available as ``proposer: <key>`` in a method YAML."""
+
+    def wrap(cls: type[Proposer]) -> type[Proposer]:
+        if key in _REGISTRY and _REGISTRY[key] is not cls:
+            raise ValueError(f"method {key!r} registered twice")
+        cls.key = key
+        _REGISTRY[key] = cls
+        return cls
+
+    return wrap
+
+
+def registry() -> dict[str, type[Proposer]]:
+    import methods  # noqa: F401  (imports every module in methods/, which registers it)
+
+    return dict(_REGISTRY)
+
+
+RESERVED_KEYS = ("name", "proposer")
+
+
+def build_proposer(method_cfg: dict, env: MethodEnv) -> Proposer:
+    """Instantiate the proposer named by ``method_cfg['proposer']`` with the remaining keys."""
+    cfg = dict(method_cfg)
+    key = cfg.get("proposer")
+    known = registry()
+    if key not in known:
+        raise UserError(f"method config names proposer {key!r}; registered: {sorted(known)}")
+    cls = known[key]
+    knobs = {k: v for k, v in cfg.items() if k not in RESERVED_KEYS}
+    params = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    unknown = sorted(set(knobs) - set(params)) if not takes_any else []
+    if unknown:
+        allowed = sorted(p for p in params if p not in ("self", "env"))
+        raise UserError(f"method {cfg.get('name', key)!r}: unknown setting(s) {unknown}; allowed: {allowed}")
+    try:
+        return cls(env, **knobs)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"method {cfg.get('name', key)!r}: {err}") from None

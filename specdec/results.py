@@ -1,0 +1,175 @@
+"""Result files of a run dir: ``answers.jsonl`` (one Spec-Bench answer record per question, appended and
+flushed as each question finishes) and ``summary.json`` (per-task aggregates computed exactly as
+Spec-Bench's ``evaluation/speed.py``; specs/spec_bench.md §4).
+
+Aggregates, per task and ``overall``:
+  tokens_per_s          mean over questions of (Σ_turns new_tokens / Σ_turns wall_time)
+  baseline_tokens_per_s the same on the paired autoregressive baseline
+  speedup               tokens_per_s / baseline_tokens_per_s  (ratio of the averages)
+  mat                   mean accept length pooled over every verify step of every question
+  lossless              fraction of questions whose output ids equal the baseline's
+Keys are snake_case and form a contract that ``analysis/`` reads (SCHEMA_VERSION).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Iterable, Optional
+
+from .decode import Generation
+
+SCHEMA_VERSION = 1
+TURN_FIELDS = ("decoding_steps", "new_tokens", "wall_time", "prefill_time", "draft_time", "verify_time",
+               "commit_time", "stop_reason")
+
+
+def turn_figures(gens: list[Generation]) -> dict:
+    """Per-turn lists in Spec-Bench's layout; per-step lists flattened over turns."""
+    return {
+        "decoding_steps": [g.steps for g in gens],
+        "new_tokens": [g.new_tokens for g in gens],
+        "wall_time": [g.wall_time for g in gens],
+        "accept_lengths": [a for g in gens for a in g.accept_lengths],
+        "tree_sizes": [t for g in gens for t in g.tree_sizes],
+        "output_ids": [g.output_ids for g in gens],
+        "prefill_time": [g.prefill_time for g in gens],
+        "draft_time": [g.draft_time for g in gens],
+        "verify_time": [g.verify_time for g in gens],
+        "commit_time": [g.commit_time for g in gens],
+        "stop_reason": [g.stop_reason for g in gens],
+    }
+
+
+def answer_record(question: dict, model_id: str, texts: list[str], gens: list[Generation],
+                  baseline: Optional[list[Generation]] = None, lossless: Optional[dict] = None,
+                  order: Optional[str] = None) -> dict:
+    record = {
+        "question_id": question["question_id"], "category": question["category"], "task": question["task"],
+        "answer_id": uuid.uuid4().hex[:22], "model_id": model_id, "tstamp": time.time(),
+        "choices": [{"index": 0, "turns": texts, **turn_figures(gens)}],
+    }
+    if baseline is not None:
+        figures = turn_figures(baseline)
+        figures.pop("tree_sizes")
+        record["baseline"] = figures
+        record["order"] = order
+    if lossless is not None:
+        record["lossless"] = lossless
+    return record
+
+
+class AnswerFile:
+    """Append-only ``answers.jsonl``; a rerun into the same dir skips finished questions."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.records = self._read_complete()
+
+    def _read_complete(self) -> list[dict]:
+        """Whole records only: a line cut off by an interrupted run is dropped (and rewritten later)."""
+        if not self.path.exists():
+            return []
+        records, good_bytes = [], 0
+        with self.path.open("rb") as fh:
+            for raw in fh:
+                try:
+                    records.append(json.loads(raw))
+                except json.JSONDecodeError:
+                    break
+                if not raw.endswith(b"\n"):
+                    records.pop()
+                    break
+                good_bytes += len(raw)
+        if good_bytes != self.path.stat().st_size:
+            with self.path.open("r+b") as fh:
+                fh.truncate(good_bytes)
+        return records
+
+    @property
+    def done(self) -> set:
+        return {r["question_id"] for r in self.records}
+
+    def append(self, record: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.records.append(record)
+
+
+def _mean(values: Iterable[float]) -> Optional[float]:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def _rate(figures: dict) -> float:
+    wall = sum(figures["wall_time"])
+    return sum(figures["new_tokens"]) / wall if wall > 0 else 0.0
+
+
+def aggregate(records: list[dict]) -> dict:
+    """Spec-Bench aggregates over a set of answer records (one task or all)."""
+    choices = [r["choices"][0] for r in records]
+    steps = [a for c in choices for a in c["accept_lengths"]]
+    out = {
+        "n": len(records),
+        "tokens_per_s": _mean(_rate(c) for c in choices),
+        "mat": _mean(steps),
+        "mat_per_question": _mean(_mean(c["accept_lengths"]) for c in choices if c["accept_lengths"]),
+        "new_tokens": sum(sum(c["new_tokens"]) for c in choices),
+        "wall_time": sum(sum(c["wall_time"]) for c in choices),
+        "draft_share": None, "total_tokens_per_s": None,
+    }
+    if out["wall_time"] > 0:
+        out["total_tokens_per_s"] = out["new_tokens"] / out["wall_time"]
+        out["draft_share"] = sum(sum(c["draft_time"]) for c in choices) / out["wall_time"]
+    baselines = [r["baseline"] for r in records if "baseline" in r]
+    if baselines and len(baselines) == len(records):
+        out["baseline_tokens_per_s"] = _mean(_rate(b) for b in baselines)
+        out["baseline_new_tokens"] = sum(sum(b["new_tokens"]) for b in baselines)
+        out["baseline_wall_time"] = sum(sum(b["wall_time"]) for b in baselines)
+        out["speedup"] = out["tokens_per_s"] / out["baseline_tokens_per_s"] if out["baseline_tokens_per_s"] else None
+    checks = [r["lossless"]["identical"] for r in records if "lossless" in r]
+    if checks and len(checks) == len(records):
+        out["lossless"] = sum(checks) / len(checks)
+    return out
+
+
+def summarize(records: list[dict], task_order: Iterable[str]) -> dict:
+    """``{task: aggregates}`` for every task present (in ``task_order``) plus ``overall``."""
+    by_task: dict[str, list[dict]] = {}
+    for r in records:
+        by_task.setdefault(r["task"], []).append(r)
+    ordered = [t for t in task_order if t in by_task] + sorted(set(by_task) - set(task_order))
+    tasks = {t: aggregate(by_task[t]) for t in ordered}
+    if records:
+        tasks["overall"] = aggregate(records)
+    return tasks
+
+
+def format_table(tasks: dict) -> str:
+    """Console table: one row per task."""
+    cols = [("task", None), ("n", "{:d}"), ("mat", "{:.2f}"), ("tokens_per_s", "{:.2f}"),
+            ("baseline_tokens_per_s", "{:.2f}"), ("speedup", "{:.3f}x"), ("lossless", "{:.0%}"),
+            ("draft_share", "{:.1%}")]
+    header = ["task", "n", "MAT", "tok/s", "AR tok/s", "speedup", "lossless", "draft"]
+    rows = []
+    for name, agg in tasks.items():
+        row = [name]
+        for key, fmt in cols[1:]:
+            value = agg.get(key)
+            row.append("-" if value is None else fmt.format(value))
+        rows.append(row)
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,186 @@
+"""One benchmark run: load the target, build the method, answer every question of the task (each
+turn one generation), pair each question with the autoregressive baseline, write the results.
+
+``baseline: paired`` runs AR on the same question right next to the method, alternating which goes
+first, so the speedup is a side-by-side ratio on a noisy machine; ``baseline: none`` skips it.
+Resume: questions already in ``answers.jsonl`` are skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from .acceptance import make_rule
+from .decode import Generation, Stopwatch, generate
+from .errors import UserError
+from .models import default_cache_dir, load_model, resolve_device, resolve_dtype, vocab_size
+from .prompts import PromptBuilder, stop_ids
+from .proposer import MethodEnv, Proposer, build_proposer
+from .results import SCHEMA_VERSION, AnswerFile, answer_record, format_table, summarize, write_json
+from .target import Target
+from .tracking import make_tracker
+
+log = logging.getLogger(__name__)
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Answer:
+    texts: list[str]
+    gens: list[Generation]
+    prompts: list[list[int]]
+
+
+class Runner:
+    """Everything loaded once per run; ``answer`` runs one question through one proposer."""
+
+    def __init__(self, cfg: DictConfig):
+        if cfg.max_new_tokens is None or int(cfg.max_new_tokens) <= 0:
+            raise UserError(f"max_new_tokens must be a positive integer, got {cfg.max_new_tokens}")
+        if cfg.baseline not in ("paired", "none"):
+            raise UserError(f"baseline must be 'paired' or 'none', got {cfg.baseline!r}")
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(int(cfg.threads))
+        self.device = resolve_device(str(cfg.device))
+        self.dtype = resolve_dtype(str(cfg.dtype), self.device)
+        torch.manual_seed(int(cfg.seed))
+        self.model, self.tokenizer = load_model(cfg.model.path, self.device, self.dtype,
+                                                cfg.model.get("attn_implementation", "sdpa"), default_cache_dir())
+        self.target = Target(self.model)
+        self.prompts = PromptBuilder(self.tokenizer, cfg.model.get("chat_template"))
+        self.stops = stop_ids(self.tokenizer, self.model.generation_config)
+        self.context_len = getattr(self.model.config, "max_position_embeddings", None)
+        self.clock = Stopwatch(self.device)
+        env = MethodEnv(vocab_size=vocab_size(self.model), device=self.device, tokenizer=self.tokenizer,
+                        model=self.model, seed=int(cfg.seed), cache_dir=str(default_cache_dir()))
+        self.proposer = build_proposer(OmegaConf.to_container(cfg.method, resolve=True), env)
+        self.baseline = Proposer(env) if cfg.baseline == "paired" else None
+
+    def check_fits(self, question: dict, prompt_ids: list[int]) -> None:
+        if self.context_len and len(prompt_ids) + int(self.cfg.max_new_tokens) > self.context_len:
+            raise UserError(f"question {question['question_id']}: prompt of {len(prompt_ids)} tokens + "
+                            f"max_new_tokens={self.cfg.max_new_tokens} exceeds the model's context of {self.context_len}")
+
+    def answer(self, question: dict, proposer: Proposer, seed: int) -> Answer:
+        proposer.reset("question")
+        texts, gens, prompts = [], [], []
+        for turn in range(len(question["turns"])):
+            prompt_ids = self.prompts.ids(question["turns"][:turn + 1], texts)
+            self.check_fits(question, prompt_ids)
+            proposer.reset("turn")
+            rule = make_rule(self.cfg.temperature, self.cfg.top_k, self.cfg.top_p,
+                             torch.Generator().manual_seed(seed * 1000 + turn))
+            gen = generate(self.target, proposer, prompt_ids, int(self.cfg.max_new_tokens), self.stops, rule, self.clock)
+            texts.append(self.prompts.answer_text(gen.output_ids))
+            gens.append(gen)
+            prompts.append(prompt_ids)
+        return Answer(texts, gens, prompts)
+
+    @torch.inference_mode()
+    def divergence(self, method: Answer, baseline: Answer) -> dict:
+        """First turn/position where the method's ids leave the baseline's, and the target's top-2
+        logit gap there (a near-tie hints at numerics, a wide gap at a verifier bug)."""
+        for turn, (ours, ref) in enumerate(zip(method.gens, baseline.gens)):
+            if ours.output_ids == ref.output_ids:
+                continue
+            pos = next((i for i, (a, b) in enumerate(zip(ours.output_ids, ref.output_ids)) if a != b),
+                       min(len(ours.output_ids), len(ref.output_ids)))
+            ids = torch.tensor([baseline.prompts[turn] + ref.output_ids[:pos]], device=self.device)
+            top2 = self.model(input_ids=ids, logits_to_keep=1).logits[0, -1].float().topk(2).values
+            return {"identical": False, "turn": turn, "position": pos, "top2_logit_gap": float(top2[0] - top2[1])}
+        return {"identical": True, "turn": None, "position": None, "top2_logit_gap": None}
+
+    def warm_up(self, question: dict) -> None:
+        """Untimed generations on the first question (kernels, allocator, caches; Spec-Bench runs 3)."""
+        for i in range(int(self.cfg.warmup)):
+            for proposer in filter(None, (self.proposer, self.baseline)):
+                self.answer(question, proposer, seed=-1 - i)
+        if not self.cfg.warmup_keeps_state:
+            self.proposer.reset("run")
+
+
+def model_id(cfg: DictConfig, dtype: torch.dtype) -> str:
+    return f"{cfg.model.name}-{cfg.method.name}-{str(dtype).removeprefix('torch.')}-temp-{float(cfg.temperature)}"
+
+
+def environment(runner: Runner) -> dict:
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                                timeout=5).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                                    capture_output=True, text=True, timeout=5).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"device": str(runner.device), "device_name": torch.cuda.get_device_name(runner.device)
+            if runner.device.type == "cuda" else platform.processor() or platform.machine(),
+            "dtype": str(runner.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "git_commit": commit, "git_dirty": dirty, "attn_implementation": runner.model.config._attn_implementation}
+
+
+def task_questions(cfg: DictConfig):
+    from tasks import TASKS, load_questions
+
+    path = Path(cfg.task.path)
+    if not path.is_absolute() and not path.exists():
+        path = PROJECT_ROOT / path
+    return load_questions(path, cfg.task.get("per_category")), TASKS
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run the configured method on the configured task into ``run_dir``; return the summary."""
+    questions, task_order = task_questions(cfg)
+    runner = Runner(cfg)
+    answers = AnswerFile(run_dir / "answers.jsonl")
+    todo = [q for q in questions if q["question_id"] not in answers.done]
+    for q in todo:
+        runner.check_fits(q, runner.prompts.ids(q["turns"][:1], []))
+    if answers.records:
+        log.info("resuming: %d of %d questions already in %s", len(answers.records), len(questions), answers.path)
+    tracker = make_tracker(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
+    mid = model_id(cfg, runner.dtype)
+    runner.proposer.reset("run")
+    if todo and cfg.warmup:
+        runner.warm_up(questions[0])
+    position = {qid: i for i, qid in enumerate(questions["question_id"])}  # stable across resumes
+    for q in tqdm(todo, desc=f"{cfg.method.name} on {cfg.task.name}", unit="question"):
+        index = position[q["question_id"]]
+        seed = int(cfg.seed) + index
+        method_first = index % 2 == 0
+        baseline = None
+        if runner.baseline is not None and not method_first:
+            baseline = runner.answer(q, runner.baseline, seed)
+        method = runner.answer(q, runner.proposer, seed)
+        if runner.baseline is not None and method_first:
+            baseline = runner.answer(q, runner.baseline, seed)
+        lossless = runner.divergence(method, baseline) if baseline is not None and not cfg.temperature else None
+        record = answer_record(q, mid, method.texts, method.gens, baseline and baseline.gens, lossless,
+                               None if baseline is None else ("method_first" if method_first else "baseline_first"))
+        answers.append(record)
+        tracker.log_question(record)
+    summary = {
+        "schema_version": SCHEMA_VERSION, "method": cfg.method.name, "model": cfg.model.name, "task": cfg.task.name,
+        "tasks": summarize(answers.records, task_order), "env": environment(runner),
+        "warmup": int(cfg.warmup), "warmup_keeps_state": bool(cfg.warmup_keeps_state),
+        "temperature": float(cfg.temperature), "max_new_tokens": int(cfg.max_new_tokens),
+        "baseline": cfg.baseline, "method_stats": runner.proposer.stats(),
+    }
+    write_json(run_dir / "summary.json", summary)
+    table = format_table(summary["tasks"])
+    print(f"\n{cfg.method.name} vs AR on {cfg.task.name} ({cfg.model.name}, {summary['env']['device']}, "
+          f"{summary['env']['dtype']}) -> {run_dir}\n{table}")
+    tracker.log_summary(summary)
+    tracker.finish()
+    return summary
