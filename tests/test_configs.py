@@ -1,0 +1,89 @@
+"""Every config composes; method YAMLs, their ``name`` and the registry agree; every method's
+constructor accepts its YAML; every registered method reproduces greedy AR output on SmolLM2."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import method_env, run_generation
+from specdec.errors import UserError
+from specdec.proposer import build_proposer, registry
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+TASK_FILES = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
+
+
+def compose_config(*overrides: str, hydra_cfg: bool = False):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra_cfg)
+
+
+def test_defaults():
+    cfg = compose_config()
+    assert (cfg.model.name, cfg.task.name, cfg.logger.name, cfg.logger.mode) == ("smollm2-135m", "spec_bench_mini", "wandb", "offline")
+    assert cfg.method.name in ("ar", "recycle") and cfg.temperature == 0 and cfg.baseline == "paired"
+    assert cfg.max_new_tokens == cfg.task.max_new_tokens
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_yaml_matches_registry(name):
+    cfg = compose_config(f"method={name}")
+    assert cfg.method.name == name  # file stem == name
+    assert cfg.method.proposer in registry()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_model_yaml_composes(name):
+    cfg = compose_config(f"model={name}")
+    assert cfg.model.name == name and cfg.model.path
+
+
+@pytest.mark.parametrize("name", TASK_FILES)
+def test_task_yaml_composes(name):
+    cfg = compose_config(f"task={name}")
+    assert cfg.task.name == name and cfg.max_new_tokens > 0
+
+
+def test_vicuna_template_matches_fastchat(smollm2):
+    """The configured template renders FastChat's vicuna_v1.1 prompt, turn 2 included."""
+    from specdec.prompts import PromptBuilder
+
+    _, tok, _ = smollm2
+    builder = PromptBuilder(tok, compose_config("model=vicuna-7b").model.chat_template)
+    text = tok.apply_chat_template(builder.messages(["Hi?", "More?"], ["Hello."]), chat_template=builder.chat_template,
+                                   tokenize=False, add_generation_prompt=True)
+    system = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+              "helpful, detailed, and polite answers to the user's questions.")
+    assert text == f"{system} USER: Hi? ASSISTANT: Hello.</s>USER: More? ASSISTANT:"
+
+
+def test_slurm_launcher_and_experiments_compose():
+    cfg = compose_config("hydra/launcher=slurm_gpu", hydra_cfg=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.gpus_per_node == 1
+    cfg = compose_config("+experiment=speedup_table")
+    assert (cfg.model.name, cfg.task.name, cfg.max_new_tokens) == ("vicuna-7b", "spec_bench", 1024)
+    cfg = compose_config("+debug=quick")
+    assert cfg.logger.name == "none" and cfg.max_new_tokens == 16
+
+
+def test_unknown_method_setting_fails_at_start(smollm2):
+    model, tok, _ = smollm2
+    with pytest.raises(UserError, match="unknown setting"):
+        build_proposer({"name": "ar", "proposer": "ar", "typo_knob": 3}, method_env(model, tok))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_is_lossless_under_greedy(name, smollm2, task_prompts, ar_outputs):
+    """A guard for new methods: each YAML, as shipped, reproduces AR on two real prompts."""
+    model, tok, stops = smollm2
+    method_cfg = OmegaConf.to_container(compose_config(f"method={name}").method, resolve=True)
+    proposer = build_proposer(method_cfg, method_env(model, tok))
+    proposer.reset("run")
+    for task in ("mt_bench", "summarization"):
+        proposer.reset("question")
+        gen = run_generation(model, proposer, task_prompts[task], 24, stops)
+        assert gen.output_ids == ar_outputs[task][:24], (name, task)

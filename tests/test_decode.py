@@ -1,0 +1,96 @@
+"""The decode loop: AR equals ``model.generate``; oracle and random proposers are lossless; stop
+tokens and length limits are applied once, exactly; the counting invariant holds."""
+
+import random
+
+import pytest
+import torch
+
+from conftest import LOSSLESS_NEW_TOKENS, method_env, run_generation, tiny_llama
+from specdec.decode import truncate
+from specdec.proposer import Proposer
+from specdec.tree import DraftTree
+
+
+class Oracle(Proposer):
+    """Drafts the known continuation plus decoy branches (the 'same' assistant of transformers' tests)."""
+
+    def __init__(self, env, reference: list[int], depth: int = 6):
+        super().__init__(env)
+        self.reference, self.depth = reference, depth
+
+    def propose(self, ctx):
+        n = len(ctx.generated)
+        truth = self.reference[n:n + self.depth]
+        decoys = [[(t + 1) % 100 for t in truth[:3]], truth[:2] + [7, 8]]
+        return DraftTree.from_paths(ctx.root, [p for p in [*decoys, truth] if p])
+
+
+class RandomDrafts(Proposer):
+    """Random branches (the 'random' assistant): almost nothing is accepted."""
+
+    def __init__(self, env, seed: int = 0):
+        super().__init__(env)
+        self.rng = random.Random(seed)
+
+    def propose(self, ctx):
+        paths = [[self.rng.randrange(self.env.vocab_size) for _ in range(3)] for _ in range(3)]
+        return DraftTree.from_paths(ctx.root, paths)
+
+
+@pytest.mark.parametrize("task", ["mt_bench", "summarization", "math_reasoning"])
+def test_ar_loop_equals_generate(smollm2, task_prompts, ar_outputs, task):
+    model, _, _ = smollm2
+    ids = torch.tensor([task_prompts[task]])
+    # No explicit pad_token_id: SmolLM2's pad id is <|im_end|>, which the chat prompt itself contains,
+    # and generate would mask those prompt tokens out of attention.
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=LOSSLESS_NEW_TOKENS, do_sample=False)
+    assert out[0, ids.shape[1]:].tolist() == ar_outputs[task]
+
+
+def test_oracle_is_lossless_with_high_mat(smollm2, task_prompts, ar_outputs):
+    model, tok, stops = smollm2
+    for task in ("qa", "rag"):
+        gen = run_generation(model, Oracle(method_env(model, tok), ar_outputs[task]), task_prompts[task],
+                             LOSSLESS_NEW_TOKENS, stops)
+        assert gen.output_ids == ar_outputs[task]
+        assert sum(gen.accept_lengths) / gen.steps > 4.0
+        assert max(gen.tree_sizes) > 7  # decoys were verified too
+
+
+def test_random_drafts_are_lossless_with_mat_near_one(smollm2, task_prompts, ar_outputs):
+    model, tok, stops = smollm2
+    gen = run_generation(model, RandomDrafts(method_env(model, tok)), task_prompts["translation"],
+                         LOSSLESS_NEW_TOKENS, stops)
+    assert gen.output_ids == ar_outputs["translation"]
+    assert sum(gen.accept_lengths) / gen.steps < 1.1
+
+
+def test_ar_baseline_has_mat_exactly_one(smollm2, task_prompts):
+    model, tok, stops = smollm2
+    gen = run_generation(model, Proposer(method_env(model, tok)), task_prompts["qa"], 12, stops)
+    assert gen.accept_lengths == [1] * gen.new_tokens and set(gen.tree_sizes) == {1}
+
+
+def test_truncate_keeps_the_stop_token_and_the_length_cap():
+    assert truncate([5, 6, 2, 7], room=10, stop_ids=frozenset({2})) == ([5, 6, 2], True)
+    assert truncate([5, 6, 2, 7], room=2, stop_ids=frozenset({2})) == ([5, 6], False)
+    assert truncate([5, 6], room=5, stop_ids=frozenset({2})) == ([5, 6], False)
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 7, 64])
+def test_stop_mid_step_and_length_cap(max_new_tokens):
+    """A stop token inside an accepted multi-token step ends the output there; nothing after it is counted."""
+    model = tiny_llama(vocab=64)
+    env = method_env(model)
+    prompt = [3, 9, 27, 17, 51]
+    free = run_generation(model, Proposer(env), prompt, 64)
+    stop = free.output_ids[5]  # a token the model emits at position 5 (and maybe earlier)
+    expected = free.output_ids[:free.output_ids.index(stop) + 1][:max_new_tokens]
+    gen = run_generation(model, Oracle(env, free.output_ids, depth=8), prompt, max_new_tokens, {stop})
+    assert gen.output_ids == expected
+    assert sum(gen.accept_lengths) == gen.new_tokens == len(expected)
+    assert gen.stop_reason == ("eos" if expected[-1] == stop else "max_new_tokens")
+    if max_new_tokens == 64:
+        assert gen.steps < len(expected)  # the oracle did commit several tokens per step

@@ -1,0 +1,141 @@
+"""``run.py`` end to end (tiny random model and the embedded SmolLM2), resume, the result files,
+and every bad input: one ``error:`` line, a non-zero exit, no stack trace, nothing lost."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import EMBEDDED, tiny_llama
+from specdec.models import cached_embedded_copy, default_cache_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+QUESTIONS = ROOT / "tasks" / "spec_bench" / "question.jsonl"
+
+
+def run_cli(*overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"}
+    proc = subprocess.run([sys.executable, "run.py", *overrides], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random 2-layer Llama with SmolLM2's tokenizer and chat template, saved like a hub checkpoint."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(vocab=49152).save_pretrained(out)
+    tokenizer_dir = cached_embedded_copy(EMBEDDED, default_cache_dir())
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(tokenizer_dir / name, out / name)
+    return out
+
+
+def tiny_args(model_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"model.path={model_dir}", "model.name=tiny", f"hydra.run.dir={run_dir}", "task.per_category=1",
+            "max_new_tokens=8", "warmup=1", *extra]
+
+
+def read_answers(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "answers.jsonl").read_text().splitlines()]
+
+
+def test_tiny_run_writes_records_summary_and_resumes(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli(*tiny_args(tiny_model_dir, run_dir, "logger.mode=offline"))
+    assert "overall" in proc.stdout  # the per-task table
+    records = read_answers(run_dir)
+    assert [r["task"] for r in records] == ["mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag"]
+    first = records[0]
+    choice = first["choices"][0]
+    assert len(choice["turns"]) == len(choice["output_ids"]) == 2  # MT-bench: two turns
+    assert choice["new_tokens"] == [len(ids) for ids in choice["output_ids"]]
+    assert sum(choice["accept_lengths"]) == sum(choice["new_tokens"])
+    assert first["lossless"]["identical"] and first["baseline"]["output_ids"] == choice["output_ids"]
+    assert {r["order"] for r in records} == {"method_first", "baseline_first"}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    overall = summary["tasks"]["overall"]
+    assert overall["n"] == 6 and overall["mat"] == 1.0 and overall["lossless"] == 1.0
+    assert set(summary["tasks"]) == {"mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag", "overall"}
+    assert summary["env"]["dtype"] == "float32" and summary["env"]["torch"] == torch.__version__
+    assert (run_dir / ".hydra" / "config.yaml").exists() and any((run_dir / "wandb").glob("offline-run-*"))
+
+    # an interrupted run: the last record is cut in the middle of its line
+    lines = (run_dir / "answers.jsonl").read_text().splitlines(keepends=True)
+    (run_dir / "answers.jsonl").write_text("".join(lines[:4]) + lines[4][:40])
+    run_cli(*tiny_args(tiny_model_dir, run_dir, "logger=none"))
+    resumed = read_answers(run_dir)
+    assert [r["question_id"] for r in resumed] == [r["question_id"] for r in records]
+    assert [r["answer_id"] for r in resumed[:4]] == [r["answer_id"] for r in records[:4]]  # kept, not redone
+
+    run_cli(*tiny_args(tiny_model_dir, run_dir, "logger=none"))  # all done: nothing is duplicated
+    assert len(read_answers(run_dir)) == 6
+
+
+def test_smollm2_mini_run_end_to_end(tmp_path):
+    run_dir = tmp_path / "smol"
+    run_cli(f"hydra.run.dir={run_dir}", "task=spec_bench_mini", "task.per_category=1", "max_new_tokens=12",
+            "warmup=0", "logger.mode=offline", "threads=1")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["model"] == "smollm2-135m" and summary["tasks"]["overall"]["n"] == 6
+    assert summary["tasks"]["overall"]["lossless"] == 1.0
+    texts = [r["choices"][0]["turns"][0] for r in read_answers(run_dir)]
+    assert all(isinstance(t, str) and t for t in texts)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    message = proc.stderr.strip()
+    for fragment in fragments:
+        assert fragment in message, message[-2000:]
+
+
+@pytest.mark.parametrize("group,value", [("method", "nosuchmethod"), ("model", "nosuchmodel"), ("task", "nosuchtask")])
+def test_unknown_config_choice_lists_the_options(group, value):
+    proc = run_cli(f"{group}={value}", check=False)
+    assert_user_error(proc, f"Could not find '{group}/{value}'", "Available options")
+
+
+def test_unreachable_hub_model(tmp_path):
+    proc = run_cli("model=vicuna-7b", f"hydra.run.dir={tmp_path}", "logger=none", check=False)
+    assert_user_error(proc, "error: model 'lmsys/vicuna-7b-v1.3' is not in the local Hugging Face cache")
+
+
+def test_missing_and_malformed_question_files(tiny_model_dir, tmp_path):
+    proc = run_cli(*tiny_args(tiny_model_dir, tmp_path / "a", f"task.path={tmp_path / 'none.jsonl'}"), check=False)
+    assert_user_error(proc, "error: question file", "does not exist")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(QUESTIONS.read_text().splitlines()[0] + "\n{not json\n")
+    proc = run_cli(*tiny_args(tiny_model_dir, tmp_path / "b", f"task.path={bad}"), check=False)
+    assert_user_error(proc, f"error: {bad}:2: not valid JSON")
+
+
+def test_bad_settings(tiny_model_dir, tmp_path):
+    proc = run_cli(*tiny_args(tiny_model_dir, tmp_path / "a", "max_new_tokens=0"), check=False)
+    assert_user_error(proc, "error: max_new_tokens must be a positive integer")
+    if not torch.cuda.is_available():
+        proc = run_cli(*tiny_args(tiny_model_dir, tmp_path / "b", "device=cuda"), check=False)
+        assert_user_error(proc, "error: device=cuda was asked for but CUDA is not available")
+
+
+def test_prompt_longer_than_context_keeps_finished_records(tiny_model_dir, tmp_path):
+    """The context check runs before any generation; answers already written stay untouched."""
+    run_dir = tmp_path / "ctx"
+    short = tmp_path / "short.jsonl"
+    lines = QUESTIONS.read_text().splitlines()
+    short.write_text(lines[80] + "\n")  # question 161 (translation, a short prompt)
+    run_cli(*tiny_args(tiny_model_dir, run_dir, "logger=none", f"task.path={short}"))
+    before = (run_dir / "answers.jsonl").read_text()
+    short.write_text(lines[80] + "\n" + lines[160] + "\n")  # + question 241 (summarization, a long article)
+    proc = run_cli(*tiny_args(tiny_model_dir, run_dir, "logger=none", f"task.path={short}", "max_new_tokens=300"),
+                   check=False)
+    assert_user_error(proc, "error: question 241: prompt of", "exceeds the model's context of 512")
+    assert (run_dir / "answers.jsonl").read_text() == before
