@@ -59,13 +59,13 @@ def ar_outputs(smollm2, task_prompts) -> dict[str, list[int]]:
             for task, ids in task_prompts.items()}
 
 
-def tiny_llama(vocab: int = 64, layers: int = 2, seed: int = 0, attn: str = "sdpa"):
+def tiny_llama(vocab: int = 64, layers: int = 2, seed: int = 0, attn: str = "sdpa", context: int = 512):
     """A random fp32 Llama small enough for exhaustive checks."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
                       attn_implementation=attn)
     return LlamaForCausalLM(cfg).eval()
 

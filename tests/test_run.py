@@ -29,9 +29,9 @@ def run_cli(*overrides: str, check: bool = True) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A random 2-layer Llama with SmolLM2's tokenizer and chat template, saved like a hub checkpoint."""
+    """A random 2-layer Llama (context 2048) with SmolLM2's tokenizer and chat template, saved like a hub checkpoint."""
     out = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama(vocab=49152).save_pretrained(out)
+    tiny_llama(vocab=49152, context=2048).save_pretrained(out)
     tokenizer_dir = cached_embedded_copy(EMBEDDED, default_cache_dir())
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(tokenizer_dir / name, out / name)
@@ -135,7 +135,7 @@ def test_prompt_longer_than_context_keeps_finished_records(tiny_model_dir, tmp_p
     run_cli(*tiny_args(tiny_model_dir, run_dir, "logger=none", f"task.path={short}"))
     before = (run_dir / "answers.jsonl").read_text()
     short.write_text(lines[80] + "\n" + lines[160] + "\n")  # + question 241 (summarization, a long article)
-    proc = run_cli(*tiny_args(tiny_model_dir, run_dir, "logger=none", f"task.path={short}", "max_new_tokens=300"),
+    proc = run_cli(*tiny_args(tiny_model_dir, run_dir, "logger=none", f"task.path={short}", "max_new_tokens=1500"),
                    check=False)
-    assert_user_error(proc, "error: question 241: prompt of", "exceeds the model's context of 512")
+    assert_user_error(proc, "error: question 241: prompt of", "exceeds the model's context of 2048")
     assert (run_dir / "answers.jsonl").read_text() == before
