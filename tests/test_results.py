@@ -1,0 +1,55 @@
+"""Accounting on a hand-computed example (Spec-Bench's formulas) and the append-only answer file."""
+
+import json
+
+import pytest
+
+from specdec.results import AnswerFile, aggregate, summarize
+
+
+def record(qid, task, new_tokens, wall_time, accept_lengths, base_tokens, base_wall, identical=True, drafts=(0.0,)):
+    return {"question_id": qid, "task": task, "category": task,
+            "choices": [{"new_tokens": new_tokens, "wall_time": wall_time, "accept_lengths": accept_lengths,
+                         "draft_time": list(drafts)}],
+            "baseline": {"new_tokens": base_tokens, "wall_time": base_wall},
+            "lossless": {"identical": identical}}
+
+
+RECORDS = [
+    # two turns pooled: (10 + 30) / (1 + 3) = 10 tok/s; baseline (10 + 30) / (2 + 2) = 10 tok/s
+    record(1, "mt_bench", [10, 30], [1.0, 3.0], [4, 4, 2] + [3] * 10, [10, 30], [2.0, 2.0], drafts=(0.5, 0.5)),
+    # 20 / 1 = 20 tok/s; baseline 20 / 4 = 5 tok/s
+    record(2, "qa", [20], [1.0], [5, 5, 5, 5], [20], [4.0], identical=False),
+]
+
+
+def test_aggregate_uses_spec_bench_formulas():
+    mt = aggregate(RECORDS[:1])
+    assert mt["tokens_per_s"] == pytest.approx(10.0) and mt["baseline_tokens_per_s"] == pytest.approx(10.0)
+    assert mt["mat"] == pytest.approx(40 / 13) and mt["draft_share"] == pytest.approx(1.0 / 4.0)
+    overall = aggregate(RECORDS)
+    assert overall["tokens_per_s"] == pytest.approx((10 + 20) / 2)          # mean of per-question rates
+    assert overall["baseline_tokens_per_s"] == pytest.approx((10 + 5) / 2)
+    assert overall["speedup"] == pytest.approx(15 / 7.5)                    # ratio of the averages (not 1.5)
+    assert overall["mat"] == pytest.approx(60 / 17)                         # pooled over all 17 steps
+    assert overall["mat_per_question"] == pytest.approx((40 / 13 + 5) / 2)
+    assert overall["total_tokens_per_s"] == pytest.approx(60 / 5)
+    assert overall["lossless"] == 0.5 and overall["n"] == 2
+
+
+def test_summarize_orders_tasks_and_adds_overall():
+    tasks = summarize(RECORDS, ["mt_bench", "translation", "qa"])
+    assert list(tasks) == ["mt_bench", "qa", "overall"]
+
+
+def test_answer_file_drops_a_cut_line_and_never_duplicates(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    answers = AnswerFile(path)
+    for r in RECORDS:
+        answers.append(r)
+    text = path.read_text()
+    path.write_text(text + '{"question_id": 3, "tas')  # interrupted mid-write
+    reread = AnswerFile(path)
+    assert reread.done == {1, 2} and path.read_text() == text
+    reread.append(record(3, "qa", [1], [1.0], [1], [1], [1.0]))
+    assert [json.loads(line)["question_id"] for line in path.read_text().splitlines()] == [1, 2, 3]
