@@ -39,7 +39,8 @@ class Generation:
     prefill_time: float = 0.0
     draft_time: float = 0.0    # proposer.propose
     verify_time: float = 0.0   # target forward + acceptance
-    commit_time: float = 0.0   # cache compaction + proposer.observe
+    commit_time: float = 0.0   # truncation + KV-cache compaction
+    update_time: float = 0.0   # proposer.observe (the method learning from the step)
     stop_reason: str = "max_new_tokens"
 
     @property
@@ -83,13 +84,15 @@ def generate(target: Target, proposer: Proposer, prompt_ids: list[int], max_new_
         ctx.tokens.extend(kept)
         ctx.remaining -= len(kept)
         done = hit_stop or ctx.remaining == 0
-        proposer.observe(StepResult(tree, logits, path, kept, final=done))
         t3 = clock()
+        proposer.observe(StepResult(tree, logits, path, kept, final=done))
+        t4 = clock()
         gen.accept_lengths.append(len(kept))
         gen.tree_sizes.append(tree.size)
         gen.draft_time += t1 - t0
         gen.verify_time += t2 - t1
         gen.commit_time += t3 - t2
+        gen.update_time += t4 - t3
         if hit_stop:
             gen.stop_reason = "eos"
             break

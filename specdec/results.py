@@ -8,6 +8,8 @@ Aggregates, per task and ``overall``:
   speedup               tokens_per_s / baseline_tokens_per_s  (ratio of the averages)
   mat                   mean accept length pooled over every verify step of every question
   lossless              fraction of questions whose output ids equal the baseline's
+  draft_share           Σ draft time / Σ wall time
+  proposer_share        Σ (draft + update) time / Σ step time (prefill excluded): the method's own cost
 Keys are snake_case and form a contract that ``analysis/`` reads (SCHEMA_VERSION).
 """
 
@@ -23,10 +25,6 @@ from typing import Iterable, Optional
 from .decode import Generation
 
 SCHEMA_VERSION = 1
-TURN_FIELDS = ("decoding_steps", "new_tokens", "wall_time", "prefill_time", "draft_time", "verify_time",
-               "commit_time", "stop_reason")
-
-
 def turn_figures(gens: list[Generation]) -> dict:
     """Per-turn lists in Spec-Bench's layout; per-step lists flattened over turns."""
     return {
@@ -40,6 +38,7 @@ def turn_figures(gens: list[Generation]) -> dict:
         "draft_time": [g.draft_time for g in gens],
         "verify_time": [g.verify_time for g in gens],
         "commit_time": [g.commit_time for g in gens],
+        "update_time": [g.update_time for g in gens],
         "stop_reason": [g.stop_reason for g in gens],
     }
 
@@ -122,11 +121,14 @@ def aggregate(records: list[dict]) -> dict:
         "mat_per_question": _mean(_mean(c["accept_lengths"]) for c in choices if c["accept_lengths"]),
         "new_tokens": sum(sum(c["new_tokens"]) for c in choices),
         "wall_time": sum(sum(c["wall_time"]) for c in choices),
-        "draft_share": None, "total_tokens_per_s": None,
+        "total_tokens_per_s": None, "draft_share": None, "proposer_share": None,
     }
     if out["wall_time"] > 0:
         out["total_tokens_per_s"] = out["new_tokens"] / out["wall_time"]
         out["draft_share"] = sum(sum(c["draft_time"]) for c in choices) / out["wall_time"]
+    step_time = sum(sum(c.get(k, [0.0])) for c in choices for k in ("draft_time", "verify_time", "commit_time", "update_time"))
+    if step_time > 0:  # the method's own cost (drafting + learning) as a share of the decode steps
+        out["proposer_share"] = sum(sum(c["draft_time"]) + sum(c.get("update_time", [0.0])) for c in choices) / step_time
     baselines = [r["baseline"] for r in records if "baseline" in r]
     if baselines and len(baselines) == len(records):
         out["baseline_tokens_per_s"] = _mean(_rate(b) for b in baselines)
@@ -155,8 +157,8 @@ def format_table(tasks: dict) -> str:
     """Console table: one row per task."""
     cols = [("task", None), ("n", "{:d}"), ("mat", "{:.2f}"), ("tokens_per_s", "{:.2f}"),
             ("baseline_tokens_per_s", "{:.2f}"), ("speedup", "{:.3f}x"), ("lossless", "{:.0%}"),
-            ("draft_share", "{:.1%}")]
-    header = ["task", "n", "MAT", "tok/s", "AR tok/s", "speedup", "lossless", "draft"]
+            ("proposer_share", "{:.1%}")]
+    header = ["task", "n", "MAT", "tok/s", "AR tok/s", "speedup", "lossless", "proposer"]
     rows = []
     for name, agg in tasks.items():
         row = [name]

@@ -10,7 +10,8 @@ from specdec.results import AnswerFile, aggregate, summarize
 def record(qid, task, new_tokens, wall_time, accept_lengths, base_tokens, base_wall, identical=True, drafts=(0.0,)):
     return {"question_id": qid, "task": task, "category": task,
             "choices": [{"new_tokens": new_tokens, "wall_time": wall_time, "accept_lengths": accept_lengths,
-                         "draft_time": list(drafts)}],
+                         "draft_time": list(drafts), "update_time": [0.25], "verify_time": [2.0],
+                         "commit_time": [0.25]}],
             "baseline": {"new_tokens": base_tokens, "wall_time": base_wall},
             "lossless": {"identical": identical}}
 
@@ -27,6 +28,7 @@ def test_aggregate_uses_spec_bench_formulas():
     mt = aggregate(RECORDS[:1])
     assert mt["tokens_per_s"] == pytest.approx(10.0) and mt["baseline_tokens_per_s"] == pytest.approx(10.0)
     assert mt["mat"] == pytest.approx(40 / 13) and mt["draft_share"] == pytest.approx(1.0 / 4.0)
+    assert mt["proposer_share"] == pytest.approx((1.0 + 0.25) / (1.0 + 0.25 + 2.0 + 0.25))
     overall = aggregate(RECORDS)
     assert overall["tokens_per_s"] == pytest.approx((10 + 20) / 2)          # mean of per-question rates
     assert overall["baseline_tokens_per_s"] == pytest.approx((10 + 5) / 2)
