@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 BENCH_METHODS ?= recycle,recycle_cpu,lookahead,lookahead_cpu,pld,aded
 
-.PHONY: help install run test bench bench-ar bench-methods figures clean
+.PHONY: help install run test bench bench-ar bench-methods bench-recycle-sizes figures clean
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
@@ -29,6 +29,10 @@ bench-ar: install  ## AR through the harness vs model.generate, interleaved -> r
 
 bench-methods: install  ## BENCH_METHODS paired with AR on spec_bench_mini -> runs/bench/methods/<n>/summary.json
 	$(PY) run.py -m method=$(BENCH_METHODS) logger=none hydra.sweep.dir=runs/bench/methods
+
+bench-recycle-sizes: install  ## Token Recycling MAT/speedup vs tree size (Hydra multirun) -> runs/bench/recycle_sizes/
+	$(PY) run.py -m method=recycle method.tree_nodes=8,16,24,32,48,64,null method.tree_order=bfs,rank_sum \
+		logger=none hydra.sweep.dir=runs/bench/recycle_sizes
 
 figures: install  ## every table and figure from the run dirs under runs/ -> runs/figures/
 	$(PY) -m analysis runs --out runs/figures
