@@ -19,8 +19,9 @@ Decisions on details the spec leaves open ([U] / [design]):
   * Duplicate writes in one update: the **last node in index order wins** (deterministic; on CUDA the
     released code's winner is unspecified).
   * The update is **skipped on the final step** of a generation (``step.final``), as the released loop
-    breaks before its update. Tokens that were truncated away are still rows of the tree; their
-    logits are real target predictions, so ``update: all`` writes them too (as released).
+    breaks before its update (truncation at a stop id or the length limit only happens on that step,
+    so every update sees a fully committed step).
+  * ``update: accepted`` writes the rows of the root and the accepted nodes (``step.path``).
   * ``reset: never`` (paper) keeps the table across questions and turns. ``reset("run")`` always
     clears it: the paper's table lives for one process = one run. Whether warm-up trains the table is
     the core's ``warmup_keeps_state`` (the paper: it does; 3 warm-up runs).
