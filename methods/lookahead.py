@@ -7,7 +7,7 @@ specs/lookahead.md part A. (Not hao-ai-lab's Jacobi "lookahead decoding".)
 
     python run.py method=lookahead                 # released defaults (decoding_length 64, branch_length 12)
     python run.py method=lookahead_cpu             # CPU-sized tree, chosen by measurement
-    python run.py method=lookahead method.warm_start=sharegpt method.warm_start_max_records=2000
+    python run.py method=lookahead_cpu method.warm_start=sharegpt    # warm start: 500 ShareGPT records
 
 A forest of tries keyed by a token stores what followed that token (``TrieForest``). The prompt is
 inserted with *input* frequencies (this request only, zeroed when it ends); committed tokens are
@@ -43,8 +43,9 @@ Details the spec leaves open or marks [U], and how they are read here:
   ``reset_policy: per_question``) so timing never includes it; what was loaded is in ``stats()``.
   ``warm_start_prune`` [design] runs the pruning pass once right after the corpus insertion (the
   released code prunes at the first request end, so its first question sees the unpruned trie).
-  Python-object tries cost ~300 B and ~3 us per node: 500 ShareGPT records = 0.6M tokens ->
-  4.9M nodes (2.3M after pruning), ~15 s and ~2.5 GB, hence ``warm_start_max_records``. The build
+  Python-object tries cost ~300 B and ~3 us per node: 500 ShareGPT records = 0.6M tokens -> 4.9M
+  nodes with branch_length 12 (2.3M after pruning; ~15 s, ~2.5 GB peak), 2.3M -> 1.3M with
+  lookahead_cpu's 6, hence ``warm_start_max_records``. The build
   runs with the cyclic GC off and ends with ``gc.freeze()`` (process-wide: later GC passes skip
   the trie instead of rescanning millions of nodes inside timed steps).
 * ``read_text_corpus`` (ShareGPT / jsonl reader) lives here for now; it belongs in the core
@@ -482,7 +483,8 @@ class Lookahead(Proposer):
         mode, _, rank = decoding_mode.partition("_")
         rank = rank or "mix"
         if mode not in MODES or rank not in RANKS:
-            raise ValueError(f"decoding_mode {decoding_mode!r}: expected one of {MODES} with optional _mix/_input/_output")
+            raise ValueError(f"decoding_mode {decoding_mode!r}: expected one of {MODES}, "
+                             "optionally suffixed _mix/_input/_output")
         if reset_policy not in RESET_POLICIES:
             raise ValueError(f"reset_policy must be one of {RESET_POLICIES}")
         if decoding_length < 1 or branch_length < 0 or max_query_length < 1:
