@@ -49,7 +49,7 @@ def read_answers(run_dir: Path) -> list[dict]:
 
 def test_tiny_run_writes_records_summary_and_resumes(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_cli(*tiny_args(tiny_model_dir, run_dir, "logger.mode=offline"))
+    proc = run_cli(*tiny_args(tiny_model_dir, run_dir, "method=ar", "logger.mode=offline"))
     assert "overall" in proc.stdout  # the per-task table
     records = read_answers(run_dir)
     assert [r["task"] for r in records] == ["mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag"]
@@ -62,7 +62,7 @@ def test_tiny_run_writes_records_summary_and_resumes(tiny_model_dir, tmp_path):
     assert {r["order"] for r in records} == {"method_first", "baseline_first"}
     summary = json.loads((run_dir / "summary.json").read_text())
     overall = summary["tasks"]["overall"]
-    assert overall["n"] == 6 and overall["mat"] == 1.0 and overall["lossless"] == 1.0
+    assert overall["n"] == 6 and overall["mat"] == 1.0 and overall["lossless"] == 1.0  # AR: one token a step
     assert set(summary["tasks"]) == {"mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag", "overall"}
     assert summary["env"]["dtype"] == "float32" and summary["env"]["torch"] == torch.__version__
     assert (run_dir / ".hydra" / "config.yaml").exists() and any((run_dir / "wandb").glob("offline-run-*"))
@@ -70,12 +70,12 @@ def test_tiny_run_writes_records_summary_and_resumes(tiny_model_dir, tmp_path):
     # an interrupted run: the last record is cut in the middle of its line
     lines = (run_dir / "answers.jsonl").read_text().splitlines(keepends=True)
     (run_dir / "answers.jsonl").write_text("".join(lines[:4]) + lines[4][:40])
-    run_cli(*tiny_args(tiny_model_dir, run_dir, "logger=none"))
+    run_cli(*tiny_args(tiny_model_dir, run_dir, "method=ar", "logger=none"))
     resumed = read_answers(run_dir)
     assert [r["question_id"] for r in resumed] == [r["question_id"] for r in records]
     assert [r["answer_id"] for r in resumed[:4]] == [r["answer_id"] for r in records[:4]]  # kept, not redone
 
-    run_cli(*tiny_args(tiny_model_dir, run_dir, "logger=none"))  # all done: nothing is duplicated
+    run_cli(*tiny_args(tiny_model_dir, run_dir, "method=ar", "logger=none"))  # all done: nothing is duplicated
     assert len(read_answers(run_dir)) == 6
 
 
@@ -84,7 +84,8 @@ def test_smollm2_mini_run_end_to_end(tmp_path):
     run_cli(f"hydra.run.dir={run_dir}", "task=spec_bench_mini", "task.per_category=1", "max_new_tokens=12",
             "warmup=0", "logger.mode=offline", "threads=1")
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["model"] == "smollm2-135m" and summary["tasks"]["overall"]["n"] == 6
+    assert summary["model"] == "smollm2-135m" and summary["method"] == "recycle"  # the defaults of `make run`
+    assert summary["tasks"]["overall"]["n"] == 6
     assert summary["tasks"]["overall"]["lossless"] == 1.0
     texts = [r["choices"][0]["turns"][0] for r in read_answers(run_dir)]
     assert all(isinstance(t, str) and t for t in texts)
