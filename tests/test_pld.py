@@ -4,13 +4,17 @@ transformers' prompt lookup (same output ids, same number of target forwards), s
 import numpy as np
 import pytest
 import torch
-from conftest import LOSSLESS_NEW_TOKENS, method_env, run_generation, tiny_llama
-from scipy.stats import chisquare
+from conftest import (
+    LOSSLESS_NEW_TOKENS,
+    assert_same_distribution,
+    first_two_tokens_histogram,
+    method_env,
+    run_generation,
+    tiny_llama,
+)
 
 from methods.pld import PromptLookup, lookup_continuation
-from specdec.acceptance import make_rule
 from specdec.proposer import Context, build_proposer
-from specdec.target import Target
 
 
 def lookup(seq, n=3, k=4, full_only=False):
@@ -125,28 +129,7 @@ def test_sampling_is_exact():
     prompt = [0, 1, 2, 3, 4, 5, 1, 2, 3, 1, 2]  # last 2-gram [1, 2] recurs: draft 3 -> 4 -> 5 -> 1
     model = tiny_llama(vocab=V, seed=2)
     pld = PromptLookup(method_env(model), num_pred_tokens=4, max_ngram_size=3)
-    ctx = Context(tokens=list(prompt), prompt_len=len(prompt), remaining=8)
-    target = Target(model)
-    target.prefill(ctx.tokens)
-    tree = pld.propose(ctx)
+    counts, exact, accepted, tree = first_two_tokens_histogram(model, pld, prompt, trials)
     assert tree.tokens.tolist() == [2, 3, 4, 5, 1]
-    logits = target.score(tree)                                           # [T, V]
-    with torch.no_grad():
-        p1 = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].double(), -1)
-        p2 = torch.stack([torch.softmax(model(torch.tensor([prompt + [x]])).logits[0, -1].double(), -1)
-                          for x in range(V)]).numpy()                     # [V, V]
-    rule = make_rule(1.0, generator=torch.Generator().manual_seed(0))
-    rng = np.random.default_rng(0)
-    counts = np.zeros((V, V))
-    accepted = 0
-    for _ in range(trials):
-        path, bonus = rule(tree, logits)
-        committed = tree.tokens[path[1:]].tolist() + [bonus]
-        if len(committed) == 1:
-            committed.append(int(rng.choice(V, p=p2[committed[0]] / p2[committed[0]].sum())))
-        counts[committed[0], committed[1]] += 1
-        accepted += len(path) > 1
-    exact = p1.numpy()[:, None] * p2
-    assert chisquare(counts.ravel(), exact.ravel() * trials).pvalue > 1e-3
-    assert 0.5 * np.abs(counts / trials - exact).sum() < 0.02
+    assert_same_distribution(counts, exact)
     assert accepted > trials // 20

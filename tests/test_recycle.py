@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from scipy.stats import chisquare
 
 from conftest import LOSSLESS_NEW_TOKENS, method_env, run_generation, tiny_llama
-from methods.recycle import (CHILDREN_2_2_2, Template, TokenRecycling, expand_children, last_occurrence,
+from methods.recycle import (CHILDREN_2_2_2, TokenRecycling, expand_children, last_occurrence,
                              load_template, nested_subset)
 from specdec.errors import UserError
 from specdec.proposer import Context, MethodEnv, StepResult, build_proposer
