@@ -9,6 +9,7 @@ Resume: questions already in ``answers.jsonl`` are skipped.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import subprocess
 from dataclasses import dataclass
@@ -126,7 +127,8 @@ def environment(runner: Runner) -> dict:
             if runner.device.type == "cuda" else platform.processor() or platform.machine(),
             "dtype": str(runner.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "git_commit": commit, "git_dirty": dirty, "attn_implementation": runner.model.config._attn_implementation}
+            "git_commit": commit, "git_dirty": dirty, "attn_implementation": runner.model.config._attn_implementation,
+            "sdpa_force_gqa": os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")}
 
 
 def task_questions(cfg: DictConfig):
