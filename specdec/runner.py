@@ -3,16 +3,19 @@ turn one generation), pair each question with the autoregressive baseline, write
 
 ``baseline: paired`` runs AR on the same question right next to the method, alternating which goes
 first, so the speedup is a side-by-side ratio on a noisy machine; ``baseline: none`` skips it.
-Resume: questions already in ``answers.jsonl`` are skipped.
+Resume: questions already in ``answers.jsonl`` are skipped; every process appends its environment to
+``sessions.jsonl`` before the first question (the summary lists them all).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
 import subprocess
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -131,6 +134,17 @@ def environment(runner: Runner) -> dict:
             "sdpa_force_gqa": os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")}
 
 
+def record_session(path: Path, env: dict, questions_done: int) -> list[dict]:
+    """Append this process's environment to ``sessions.jsonl`` before any question runs (an interrupted
+    run still says where it ran) and return every session so far. A resumed run restarts stateful
+    methods cold (recycle's table, lookahead's tries): ``questions_done`` shows where that happened."""
+    session = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "questions_done": questions_done,
+               "env": env}
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(session) + "\n")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def task_questions(cfg: DictConfig):
     from tasks import TASKS, load_questions
 
@@ -150,6 +164,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         runner.check_fits(q, runner.prompts.ids(q["turns"][:1], []))
     if answers.records:
         log.info("resuming: %d of %d questions already in %s", len(answers.records), len(questions), answers.path)
+    sessions = record_session(run_dir / "sessions.jsonl", environment(runner), len(answers.records))
     tracker = make_tracker(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
     mid = model_id(cfg, runner.dtype)
     runner.proposer.reset("run")
@@ -173,7 +188,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         tracker.log_question(record)
     summary = {
         "schema_version": SCHEMA_VERSION, "method": cfg.method.name, "model": cfg.model.name, "task": cfg.task.name,
-        "tasks": summarize(answers.records, task_order), "env": environment(runner),
+        "tasks": summarize(answers.records, task_order), "env": sessions[-1]["env"], "sessions": sessions,
         "warmup": int(cfg.warmup), "warmup_keeps_state": bool(cfg.warmup_keeps_state),
         "temperature": float(cfg.temperature), "max_new_tokens": int(cfg.max_new_tokens),
         "baseline": cfg.baseline, "method_stats": runner.proposer.stats(),

@@ -77,6 +77,9 @@ def test_tiny_run_writes_records_summary_and_resumes(tiny_model_dir, tmp_path):
 
     run_cli(*tiny_args(tiny_model_dir, run_dir, "method=ar", "logger=none"))  # all done: nothing is duplicated
     assert len(read_answers(run_dir)) == 6
+    sessions = json.loads((run_dir / "summary.json").read_text())["sessions"]
+    assert [s["questions_done"] for s in sessions] == [0, 4, 6]  # where each process started
+    assert all(s["env"]["torch"] == torch.__version__ for s in sessions)
 
 
 def test_smollm2_mini_run_end_to_end(tmp_path):
