@@ -115,7 +115,8 @@ def cost_model(df: pd.DataFrame, stats: pd.DataFrame, run_root: Path, out: Path)
         d.mkdir(parents=True, exist_ok=True)
         check.to_csv(d / "predictions.csv", index=False)
         overall = check[check["task"] == "overall"][["label", "run", "mat", "mean_tree_size", "draft_ms_per_step",
-                                                     "predicted", "speedup", "error", "decode_speedup", "decode_error"]]
+                                                     "predicted", "speedup", "error", "decode_speedup", "decode_error",
+                                                     "verify_ratio", "bound", "efficiency"]]
         (d / "predictions.md").write_text(overall.to_markdown(index=False, floatfmt=".3f") + "\n")
         written += [d / "predictions.csv", d / "predictions.md"]
         written += figures.predicted_vs_measured(check, d)

@@ -115,6 +115,11 @@ def check_predictions(df: pd.DataFrame, profile: Profile, stats: pd.DataFrame | 
     prefill time removed from both sides, which is what the model describes) as ``decode_error``.
     ``predicted`` is on *this* profile: with a profile measured on another device it reads the runs'
     MAT and tree sizes as that device's expected speedup (``speedup`` stays this machine's).
+
+    In-situ columns (this machine, no profile): ``verify_ratio`` = the method's verify time per step /
+    the paired AR's verify time per step (t(N)/t(1) as the run saw it), ``bound`` = MAT / verify_ratio
+    (the speedup if drafting, commits and bookkeeping were free) and ``efficiency`` =
+    decode_speedup / bound: what the harness and the proposer lose.
     """
     from .tables import TASK_ORDER, run_stats, task_slices
 
@@ -137,11 +142,15 @@ def check_predictions(df: pd.DataFrame, profile: Profile, stats: pd.DataFrame | 
         base_decode = part["baseline.wall_time"].sum() - part["baseline.prefill_time"].fillna(0).sum()
         tokens, base_tokens = part["new_tokens"].sum(), part["baseline.new_tokens"].sum()
         decode_speedup = (tokens / decode) / (base_tokens / base_decode) if base_tokens and decode > 0 else np.nan
+        base_steps = part["baseline.decoding_steps"].sum()
+        base_verify = part["baseline.verify_time"].sum() / base_steps if base_steps else np.nan
+        verify_ratio = part["verify_time"].sum() / steps / base_verify if base_verify else np.nan
         label = part["label"].iloc[0] if "label" in part else part["method"].iloc[0]
         rows.append({"run": run, "task": task, "method": part["method"].iloc[0], "label": label,
                      "mat": mat, "mean_tree_size": float(np.mean(sizes)), "draft_ms_per_step": 1000 * draft,
                      "predicted": predict_speedup(profile, mat, sizes, draft),
-                     "decode_speedup": decode_speedup})
+                     "decode_speedup": decode_speedup, "verify_ratio": verify_ratio, "bound": mat / verify_ratio,
+                     "efficiency": decode_speedup / (mat / verify_ratio)})
     pred = pd.DataFrame(rows)
     if pred.empty:
         return pred

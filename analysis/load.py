@@ -22,7 +22,7 @@ Columns (``df.attrs["knobs"]`` lists the ``method.*`` knob columns):
 * figures of this turn: ``new_tokens``, ``wall_time``, ``decoding_steps``, ``prefill_time``,
   ``draft_time``, ``verify_time``, ``commit_time``, ``stop_reason``, ``accept_lengths`` and
   ``tree_sizes`` (lists, this turn's steps), ``output_ids``, and the paired baseline's ``baseline.new_tokens``,
-  ``baseline.wall_time``, ``baseline.decoding_steps``, ``baseline.prefill_time``,
+  ``baseline.wall_time``, ``baseline.decoding_steps``, ``baseline.prefill_time``, ``baseline.verify_time``,
   ``baseline.accept_lengths``, ``baseline.output_ids`` (NaN when the run has no paired baseline).
 """
 
@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 TURN_FIELDS = ("new_tokens", "wall_time", "decoding_steps", "prefill_time", "draft_time", "verify_time",
                "commit_time", "stop_reason", "output_ids")
-BASELINE_FIELDS = ("new_tokens", "wall_time", "decoding_steps", "prefill_time", "stop_reason", "output_ids")
+BASELINE_FIELDS = ("new_tokens", "wall_time", "decoding_steps", "prefill_time", "verify_time", "stop_reason",
+                   "output_ids")
 # What makes two runs "the same setting" (repeats of one configuration); method knobs are added.
 SETTING_COLUMNS = ("model", "method", "task_set", "device", "dtype", "threads", "temperature", "top_p", "top_k",
                    "max_new_tokens", "warmup", "warmup_keeps_state")

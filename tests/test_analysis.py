@@ -252,6 +252,9 @@ def test_check_predictions_against_measured_runs(df, stats):
     assert r1["error"] == pytest.approx((4 / 3) / (164 / 63) - 1)
     # decode-only: wall minus prefill (9 turns x 50 ms): AR 8.0 - 0.45, method 3.2 - 0.45, same tokens
     assert r1["decode_speedup"] == pytest.approx(7.55 / 2.75)
+    # in situ: verify per step (wall - 70 ms) vs AR's (wall - 50 ms): 2.57 s / 27 steps vs 7.55 s / 66 steps
+    assert r1["verify_ratio"] == pytest.approx((2.57 / 27) / (7.55 / 66))
+    assert r1["bound"] == pytest.approx(7.55 / 2.57) and r1["efficiency"] == pytest.approx(2.57 / 2.75)
 
 
 # ------------------------------------------------------------------------------------------ make figures
