@@ -1,11 +1,14 @@
 # specdec-bench: `make help` lists the targets.
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
-BENCH_METHODS ?= recycle,recycle_cpu,lookahead,lookahead_cpu,pld,aded
+BENCH_METHODS ?= recycle,recycle_cpu,lookahead,lookahead_cpu,pld,aded,aded_fast
+# torch threads for timed runs; run benchmarks alone on the machine (README: machine notes)
+BENCH_THREADS ?= 2
+BENCH    := $(PY) run.py -m logger=none threads=$(BENCH_THREADS)
 
-.PHONY: help install run test bench bench-ar bench-methods bench-recycle-sizes figures clean
+.PHONY: help install run test bench bench-latency bench-ar bench-pld bench-methods bench-lookahead-warm bench-recycle-sizes figures clean
 help:  ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
 
 install: $(STAMP)  ## .venv with pinned deps (torch==2.13.0 CPU here) + the embedded model and its safetensors cache
 $(STAMP): pyproject.toml
@@ -22,17 +25,25 @@ run: install  ## the main job: the default method on the embedded model, spec_be
 test: install  ## the test suite (CPU, no network)
 	$(PY) -m pytest -q
 
-bench: bench-ar bench-methods  ## benchmarks (not tests): harness AR vs generate, then every method paired with AR
+bench: bench-latency bench-ar bench-pld bench-methods bench-lookahead-warm bench-recycle-sizes  ## every benchmark below (~1.5 h on 2 cores)
+
+bench-latency: install  ## one verify forward's latency for N = 1..128 tokens (cost model input) -> runs/latency/
+	$(PY) -m analysis.latency profile --threads $(BENCH_THREADS) --out runs/latency/cpu-smollm2-fp32-t$(BENCH_THREADS).json
 
 bench-ar: install  ## AR through the harness vs model.generate, interleaved -> runs/bench/ar_vs_generate.json
-	$(PY) -m specdec.bench --max-new-tokens 64 --rounds 2
+	$(PY) -m specdec.bench --method ar --max-new-tokens 64 --rounds 2 --threads $(BENCH_THREADS)
+
+bench-pld: install  ## our pld vs generate(prompt_lookup_num_tokens=10), interleaved -> runs/bench/pld_vs_generate.json
+	$(PY) -m specdec.bench --method pld --max-new-tokens 128 --rounds 2 --threads $(BENCH_THREADS)
 
 bench-methods: install  ## BENCH_METHODS paired with AR on spec_bench_mini -> runs/bench/methods/<n>/summary.json
-	$(PY) run.py -m method=$(BENCH_METHODS) logger=none hydra.sweep.dir=runs/bench/methods
+	$(BENCH) method=$(BENCH_METHODS) hydra.sweep.dir=runs/bench/methods
 
-bench-recycle-sizes: install  ## Token Recycling MAT/speedup vs tree size (Hydra multirun) -> runs/bench/recycle_sizes/
-	$(PY) run.py -m method=recycle method.tree_nodes=8,16,24,32,48,64,null method.tree_order=bfs,rank_sum \
-		logger=none hydra.sweep.dir=runs/bench/recycle_sizes
+bench-lookahead-warm: install  ## lookahead_cpu with tries warm-started from ShareGPT answers -> runs/bench/lookahead_warm/
+	$(BENCH) method=lookahead_cpu method.warm_start=sharegpt hydra.sweep.dir=runs/bench/lookahead_warm
+
+bench-recycle-sizes: install  ## Token Recycling MAT/speedup vs tree size (nested 2.2.2 subsets) -> runs/bench/recycle_sizes/
+	$(BENCH) method=recycle method.tree_nodes=4,8,16,32,null hydra.sweep.dir=runs/bench/recycle_sizes
 
 figures: install  ## every table and figure from the run dirs under runs/ -> runs/figures/
 	$(PY) -m analysis runs --out runs/figures
