@@ -10,8 +10,6 @@ summary.json (per-task tokens/s, MAT, speedup, lossless), .hydra/ (the resolved 
 """
 
 import os
-import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -21,16 +19,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
-    from specdec.errors import UserError
+    from specdec.errors import run_in_output_dir
     from specdec.runner import run
 
-    try:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_in_output_dir(lambda out_dir: run(cfg, out_dir))
 
 
 if __name__ == "__main__":

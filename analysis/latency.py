@@ -17,6 +17,11 @@ own ``Target.score``, cache cropped back after every call, median of repeats):
     python -m analysis.latency profile --model HuggingFaceTB/SmolLM2-135M-Instruct --device cuda \
         --dtype float16 --out runs/latency/a100-smollm2-135m.json
 
+Every profile records its back end (``--backend``, specdec/backends.py) and the memory roofline: the
+bytes of weights one forward reads / the read bandwidth measured right before (a torch sum over 256 MB
+with the same threads). t(1) / roofline says how far the one-token step is from the hardware's limit;
+``python -m analysis.latency table runs/latency/*.json`` prints it per profile (``profile_table``).
+
 Predict and check (``make figures`` does this for every stored profile):
 
     from analysis import Profile, predict_speedup, check_predictions, load_runs
@@ -85,6 +90,12 @@ class Profile:
             slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
             out = np.where(n_arr > xs[-1], ys[-1] + slope * (n_arr - xs[-1]), out)
         return float(out) if out.ndim == 0 else out
+
+    @property
+    def roofline(self) -> float | None:
+        """Seconds to read the weights once at the measured bandwidth (None for profiles without it)."""
+        ms = self.meta.get("roofline_ms")
+        return ms / 1000 if ms else None
 
     def relative(self) -> pd.Series:
         """t(n) / t(1), indexed by n (the verify cost in AR steps)."""
@@ -162,6 +173,20 @@ def check_predictions(df: pd.DataFrame, profile: Profile, stats: pd.DataFrame | 
     return pred.sort_values(["label", "run", "task"]).reset_index(drop=True)
 
 
+def profile_table(profiles: Sequence[Profile], ns: Sequence[int] = (2, 4, 8, 16, 32, 64)) -> pd.DataFrame:
+    """One row per profile: back end, dtype, threads, t(1) in ms, the roofline and t(1) as a multiple of
+    it, and t(N)/t(1) for ``ns`` (the verify cost in AR steps)."""
+    rows = []
+    for prof in profiles:
+        t1, roof = prof.t(1), prof.roofline
+        row = {"profile": prof.name, "backend": prof.meta.get("backend", "eager"), "dtype": prof.meta.get("dtype"),
+               "threads": prof.meta.get("threads"), "t1_ms": 1000 * t1,
+               "roofline_ms": 1000 * roof if roof else np.nan, "t1_over_roofline": t1 / roof if roof else np.nan}
+        row.update({f"t{n}/t1": prof.t(n) / t1 for n in ns if n <= max(prof.n)})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def prediction_error(check: pd.DataFrame) -> dict:
     """Summary of a ``check_predictions`` frame: mean absolute relative error (overall rows)."""
     overall = check[check["task"] == "overall"]
@@ -196,6 +221,34 @@ def _context_ids(tokenizer, n_tokens: int) -> list[int]:
     return ids[:n_tokens]
 
 
+def weight_bytes(model) -> int:
+    """Bytes of weights one forward reads: every parameter once (a tied head counted once), minus an
+    untied input embedding (a forward reads only its rows)."""
+    params = {p.data_ptr(): p for p in model.parameters()}
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or embed.weight.data_ptr() != head.weight.data_ptr():
+        total -= embed.weight.numel() * embed.weight.element_size()
+    return total
+
+
+def read_bandwidth(device, megabytes: int = 256, repeats: int = 7) -> float:
+    """Bytes per second of a streaming read (``torch.sum`` over ``megabytes``), median of ``repeats``."""
+    import torch
+
+    from specdec.decode import Stopwatch
+
+    clock = Stopwatch(device)
+    x = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        start = clock()
+        x.sum()
+        times.append(clock() - start)
+    return x.numel() * 4 / statistics.median(times)
+
+
 def _device_name(device) -> str:
     if device.type == "cuda":
         import torch
@@ -211,8 +264,9 @@ def _device_name(device) -> str:
 
 def measure_profile(model_path: str = EMBEDDED, context: int = 256, ns: Iterable[int] = DEFAULT_NS,
                     device: str = "cpu", dtype: str = "float32", threads: int | None = 1, repeats: int = 9,
-                    warmup: int = 2, attn_implementation: str = "sdpa") -> dict:
-    """Median latency of ``Target.score`` (the verify forward, tree mask included) per N."""
+                    warmup: int = 2, attn_implementation: str = "sdpa", backend: str = "eager") -> dict:
+    """Median latency of ``Target.score`` (the verify forward, tree mask included) per N, on ``backend``,
+    with the roofline (weight bytes / read bandwidth measured just before the timed calls)."""
     import torch
     import transformers
     from tqdm import tqdm
@@ -225,7 +279,7 @@ def measure_profile(model_path: str = EMBEDDED, context: int = 256, ns: Iterable
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
-    model, tok = load_model(model_path, dev, resolve_dtype(dtype, dev), attn_implementation)
+    model, tok = load_model(model_path, dev, resolve_dtype(dtype, dev), attn_implementation, backend=backend)
     ns = sorted(set(int(n) for n in ns))
     ids = _context_ids(tok, context + 1 + max(ns))
     target, clock = Target(model), Stopwatch(dev)
@@ -240,9 +294,12 @@ def measure_profile(model_path: str = EMBEDDED, context: int = 256, ns: Iterable
         target.cache.crop(-(target.cache_len - context))  # back to the same context for the next call
         return elapsed
 
+    warm_start = time.time()
     for n in ns:
         for _ in range(warmup):
             forward(n)
+    warm_s = time.time() - warm_start  # includes compilation for backend=compile
+    bandwidth, n_bytes = read_bandwidth(dev), weight_bytes(model)
     times: dict[int, list[float]] = {n: [] for n in ns}
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     started = time.time()
@@ -254,7 +311,9 @@ def measure_profile(model_path: str = EMBEDDED, context: int = 256, ns: Iterable
         "schema_version": 1,
         "model": model_path, "context": context, "device": dev.type, "device_name": _device_name(dev),
         "dtype": str(model.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
-        "attn_implementation": attn_implementation, "repeats": repeats, "warmup": warmup,
+        "attn_implementation": attn_implementation, "backend": target.backend, "repeats": repeats, "warmup": warmup,
+        "warmup_s": round(warm_s, 1), "weight_bytes": n_bytes, "read_bandwidth_GBps": round(bandwidth / 1e9, 2),
+        "roofline_ms": round(1000 * n_bytes / bandwidth, 3),
         "call": "specdec.target.Target.score(DraftTree.chain) with a 4D float tree mask; cache cropped back after each call",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
@@ -277,10 +336,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     prof.add_argument("--ns", type=int, nargs="*", default=None, help="explicit N values (overrides the default grid)")
     prof.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto")
     prof.add_argument("--dtype", default="float32", help="float32, bfloat16, float16, auto")
+    prof.add_argument("--backend", default="eager", help="eager, onednn, compile, auto (specdec/backends.py)")
     prof.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch's default)")
     prof.add_argument("--repeats", type=int, default=9, help="timed calls per N (median reported)")
     prof.add_argument("--warmup", type=int, default=2, help="untimed calls per N first")
     prof.add_argument("--out", default=None, help="JSON path (default runs/latency/<device>.json)")
+    table = sub.add_parser("table", help="t(1), the roofline and t(N)/t(1) of stored profiles")
+    table.add_argument("profiles", nargs="+")
     pred = sub.add_parser("predict", help="predict a speedup from MAT and tree size on a stored profile")
     pred.add_argument("profile")
     pred.add_argument("--mat", type=float, required=True)
@@ -288,19 +350,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     pred.add_argument("--draft-ms", type=float, default=0.0, help="proposer time per step, milliseconds")
     args = parser.parse_args(argv)
 
+    if args.command == "table":
+        print(profile_table([Profile.load(p) for p in args.profiles]).to_markdown(index=False, floatfmt=".2f"))
+        return 0
     if args.command == "predict":
         profile = Profile.load(args.profile)
         print(f"{predict_speedup(profile, args.mat, args.tree_size, args.draft_ms / 1000):.3f}")
         return 0
     ns = args.ns or [n for n in DEFAULT_NS if n <= args.max_n] + ([args.max_n] if args.max_n not in DEFAULT_NS else [])
     result = measure_profile(args.model, args.context, ns, args.device, args.dtype, args.threads or None,
-                             args.repeats, args.warmup)
+                             args.repeats, args.warmup, backend=args.backend)
     out = Path(args.out or f"runs/latency/{result['device']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     rel = [round(ms / result["median_ms"][0], 2) for ms in result["median_ms"]]
-    print(f"wrote {out}\n" + "\n".join(f"  N={n:4d}  {ms:8.1f} ms  x{r}" for n, ms, r in
-                                       zip(result["n"], result["median_ms"], rel)))
+    print(f"wrote {out} (backend {result['backend']}, roofline {result['roofline_ms']:.1f} ms at "
+          f"{result['read_bandwidth_GBps']} GB/s: t(1) = {result['median_ms'][0] / result['roofline_ms']:.2f}x it)")
+    print("\n".join(f"  N={n:4d}  {ms:8.1f} ms  x{r}" for n, ms, r in zip(result["n"], result["median_ms"], rel)))
     return 0
 
 

@@ -20,8 +20,10 @@ Columns (``df.attrs["knobs"]`` lists the ``method.*`` knob columns):
   ``n_turns``, ``order``, ``lossless`` (bool per question, NaN without a paired greedy baseline),
   ``tstamp``;
 * figures of this turn: ``new_tokens``, ``wall_time``, ``decoding_steps``, ``prefill_time``,
-  ``draft_time``, ``verify_time``, ``commit_time``, ``stop_reason``, ``accept_lengths`` and
-  ``tree_sizes`` (lists, this turn's steps), ``output_ids``, and the paired baseline's ``baseline.new_tokens``,
+  ``draft_time``, ``verify_time``, ``commit_time``, ``update_time``, ``stop_reason``, ``accept_lengths`` and
+  ``tree_sizes`` (lists, this turn's steps), ``proposer_times`` / ``device_times`` (per step: host seconds of
+  propose + observe without device work, and the device work's seconds; NaN in older records), ``output_ids``,
+  and the paired baseline's ``baseline.new_tokens``,
   ``baseline.wall_time``, ``baseline.decoding_steps``, ``baseline.prefill_time``, ``baseline.verify_time``,
   ``baseline.accept_lengths``, ``baseline.output_ids`` (NaN when the run has no paired baseline).
 """
@@ -42,7 +44,7 @@ import yaml
 log = logging.getLogger(__name__)
 
 TURN_FIELDS = ("new_tokens", "wall_time", "decoding_steps", "prefill_time", "draft_time", "verify_time",
-               "commit_time", "stop_reason", "output_ids")
+               "commit_time", "update_time", "stop_reason", "output_ids")
 BASELINE_FIELDS = ("new_tokens", "wall_time", "decoding_steps", "prefill_time", "verify_time", "stop_reason",
                    "output_ids")
 # What makes two runs "the same setting" (repeats of one configuration); method knobs are added.
@@ -166,19 +168,30 @@ def _rows(run_dir: Path, info: dict) -> list[dict]:
         sizes = _split(choice.get("tree_sizes", []), choice["decoding_steps"]) if choice.get("tree_sizes") \
             else [[] for _ in range(n_turns)]
         base_accepts = _split(base.get("accept_lengths", []), base["decoding_steps"]) if base else None
+        proposer, device = _proposer_steps(choice, n_turns)
         lossless = rec.get("lossless")
         for turn in range(n_turns):
             row = dict(info)
             row.update({"task": rec.get("task"), "category": rec.get("category"), "question_id": rec["question_id"],
                         "turn": turn, "n_turns": n_turns, "order": rec.get("order"), "tstamp": rec.get("tstamp"),
                         "lossless": lossless["identical"] if lossless else math.nan,
-                        "accept_lengths": accepts[turn], "tree_sizes": sizes[turn]})
+                        "accept_lengths": accepts[turn], "tree_sizes": sizes[turn],
+                        "proposer_times": proposer[turn], "device_times": device[turn]})
             row.update({f: (choice[f][turn] if f in choice else math.nan) for f in TURN_FIELDS})
             for f in BASELINE_FIELDS:
                 row[f"baseline.{f}"] = base[f][turn] if base and f in base else math.nan
             row["baseline.accept_lengths"] = base_accepts[turn] if base_accepts else math.nan
             rows.append(row)
     return rows
+
+
+def _proposer_steps(choice: dict, n_turns: int) -> tuple[list, list]:
+    """Per turn: host seconds of propose + observe per step, and device-attributed seconds per step
+    (``step_*_time`` lists, flattened over turns); NaN per turn for records written before them."""
+    if "step_draft_time" not in choice:
+        return [math.nan] * n_turns, [math.nan] * n_turns
+    host = [d + u for d, u in zip(choice["step_draft_time"], choice["step_update_time"])]
+    return _split(host, choice["decoding_steps"]), _split(choice["step_device_time"], choice["decoding_steps"])
 
 
 def load_runs(paths: str | Path | Iterable[str | Path] = "runs") -> pd.DataFrame:

@@ -47,7 +47,8 @@ def question_stats(df: pd.DataFrame) -> pd.DataFrame:
     turns = df.assign(
         accepted=df["accept_lengths"].map(sum), steps=df["accept_lengths"].map(len),
         tree_tokens=df["tree_sizes"].map(sum), tree_steps=df["tree_sizes"].map(len),
-        ids=df["output_ids"].map(lambda x: x if isinstance(x, list) else None) if "output_ids" in df else None)
+        ids=df["output_ids"].map(lambda x: x if isinstance(x, list) else None) if "output_ids" in df else None,
+        host_steps=_lists(df, "proposer_times"), device_steps=_lists(df, "device_times"))
     sums = ["new_tokens", "wall_time", "prefill_time", "draft_time", "accepted", "steps", "tree_tokens",
             "tree_steps", "baseline.new_tokens", "baseline.wall_time", "baseline.prefill_time"]
     sums = [c for c in sums if c in turns]
@@ -57,11 +58,36 @@ def question_stats(df: pd.DataFrame) -> pd.DataFrame:
     q["category"] = turns.groupby(keys, sort=False)["category"].first()
     q["lossless"] = turns.groupby(keys, sort=False)["lossless"].first()
     q["output_ids"] = turns.groupby(keys, sort=False)["ids"].agg(list)
+    for col in ("host_steps", "device_steps"):  # None when a turn of the question has no per-step list
+        q[col] = turns.groupby(keys, sort=False)[col].agg(lambda v: None if any(x is None for x in v) else sum(v, []))
+    if "update_time" in turns:
+        q["update_time"] = turns.groupby(keys, sort=False)["update_time"].sum(min_count=1)
     q = q.reset_index()
     q["speed"] = q["new_tokens"] / q["wall_time"]
     q["baseline_speed"] = q["baseline.new_tokens"] / q["baseline.wall_time"] if "baseline.wall_time" in q \
         else math.nan
     return q
+
+
+def _lists(df: pd.DataFrame, col: str) -> pd.Series:
+    """``df[col]`` with anything but a list (NaN: an older record) as None."""
+    if col not in df:
+        return pd.Series([None] * len(df), index=df.index, dtype=object)
+    return df[col].map(lambda x: x if isinstance(x, list) else None)
+
+
+def _proposer_ms(q: pd.DataFrame, steps: int) -> dict:
+    """Host ms of propose + observe per verify step (mean, p95 over the pooled steps) and the device work's
+    ms per step, as ``specdec.results``; records without per-step lists: the mean from the turn sums."""
+    if len(q) and q["host_steps"].map(lambda x: x is not None).all():
+        host = np.array([t for x in q["host_steps"] for t in x])
+        device = [t for x in q["device_steps"] for t in x]
+        if len(host):
+            return {"proposer_ms_mean": 1e3 * host.mean(), "proposer_ms_p95": 1e3 * np.percentile(host, 95),
+                    "device_ms_mean": 1e3 * float(np.mean(device))}
+    spent = q["draft_time"].sum() + (q["update_time"].sum() if "update_time" in q else 0.0)
+    return {"proposer_ms_mean": 1e3 * spent / steps if steps else math.nan, "proposer_ms_p95": math.nan,
+            "device_ms_mean": math.nan}
 
 
 def _task_figures(q: pd.DataFrame) -> dict:
@@ -85,6 +111,7 @@ def _task_figures(q: pd.DataFrame) -> dict:
         "draft_ms_per_step": 1000 * q["draft_time"].sum() / steps if steps else math.nan,
         "mean_tree_size": q["tree_tokens"].sum() / q["tree_steps"].sum() if q["tree_steps"].sum() else math.nan,
         "lossless": lossless.mean() if lossless.notna().any() else math.nan,
+        **_proposer_ms(q, steps),
     }
 
 
@@ -263,7 +290,8 @@ def summarize(stats: pd.DataFrame, by: Sequence[str] | None = None) -> pd.DataFr
             "run_list": ";".join(g["run"]), "baseline_runs": ";".join(dict.fromkeys(g["baseline_run"])),
         })
         for col in ("tokens_per_s", "baseline_tokens_per_s", "speedup", "mat_per_question", "total_tokens_per_s",
-                    "draft_share", "draft_ms_per_step", "mean_tree_size", "lossless"):
+                    "draft_share", "draft_ms_per_step", "mean_tree_size", "lossless", "proposer_ms_mean",
+                    "proposer_ms_p95", "device_ms_mean"):
             row[col] = g[col].mean()
             row[f"{col}_std"] = g[col].std(ddof=1) if len(g) > 1 else math.nan
         out.append(row)
@@ -285,8 +313,8 @@ def _pm(mean: float, std: float, digits: int) -> str:
 
 
 def spec_bench_table(summary: pd.DataFrame, digits: int = 2, tasks: Iterable[str] = TASKS) -> pd.DataFrame:
-    """Methods x (6 task speedups, MAT, tokens/s, AR tokens/s, overall speedup, runs, baseline) as strings
-    ``mean ± std`` (std only with repeats); rows sorted by overall speedup (best first)."""
+    """Methods x (6 task speedups, MAT, tokens/s, AR tokens/s, overall speedup, proposer ms mean and p95, runs,
+    baseline) as strings ``mean ± std`` (std only with repeats); rows sorted by overall speedup (best first)."""
     if "runs" not in summary:
         summary = summarize(summary)
     if summary.empty:
@@ -301,6 +329,8 @@ def spec_bench_table(summary: pd.DataFrame, digits: int = 2, tasks: Iterable[str
         row["tokens/s"] = cell("overall", "tokens_per_s", 1)
         row["AR tokens/s"] = cell("overall", "baseline_tokens_per_s", 1)
         row["Overall"] = cell("overall", "speedup")
+        row["proposer ms"] = cell("overall", "proposer_ms_mean", 3)  # host ms per step (specdec.results)
+        row["proposer ms p95"] = cell("overall", "proposer_ms_p95", 3)
         row["runs"] = int(by_task["runs"].get("overall", 0))
         if "baseline_source" in g:
             row["baseline"] = g["baseline_source"].iloc[0]  # paired, or separate (an AR run)
@@ -356,3 +386,36 @@ def check_against_summaries(stats: pd.DataFrame, summaries: pd.DataFrame, rtol: 
             bad.append({"run": r["run"], "task": r["task"], "figure": col, "recomputed": r[col],
                         "summary": r[f"{col}_summary"]})
     return pd.DataFrame(bad)
+
+
+# --------------------------------------------------------------------------------------------
+# The side-by-side comparison (python -m specdec.compare, `make run`)
+# --------------------------------------------------------------------------------------------
+
+# summary.json aggregate -> column title, and how a cell is printed in the markdown table
+COMPARE_COLUMNS = {"n": ("n", "{:.0f}"), "mat": ("MAT", "{:.2f}"), "tokens_per_s": ("tokens/s", "{:.2f}"),
+                   "baseline_tokens_per_s": ("AR tokens/s", "{:.2f}"), "speedup": ("speedup", "{:.3f}×"),
+                   "lossless": ("lossless", "{:.0%}"), "proposer_ms_mean": ("proposer ms", "{:.3f}"),
+                   "proposer_ms_p95": ("proposer ms p95", "{:.3f}")}
+
+
+def compare_table(summaries: pd.DataFrame, methods: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per (method, task) — the 6 tasks present, then overall — from ``load_summaries`` rows (the
+    figures run.py / specdec.compare wrote to summary.json). Numeric; NaN where a run has no such figure
+    (AR alone has no speedup; ``proposer_ms_*`` absent from older summaries). ``methods`` fixes the order."""
+    if summaries.empty:
+        return pd.DataFrame(columns=["method", "task", *COMPARE_COLUMNS])
+    order = list(methods or dict.fromkeys(summaries["method"]))
+    data = summaries[summaries["method"].isin(order)].reindex(columns=["method", "task", *COMPARE_COLUMNS])
+    data = data.assign(method=pd.Categorical(data["method"], order, ordered=True),
+                       task=pd.Categorical(data["task"], list(TASK_ORDER), ordered=True))
+    return data.sort_values(["method", "task"]).astype({"method": str, "task": str}).reset_index(drop=True)
+
+
+def compare_markdown(table: pd.DataFrame) -> str:
+    """``compare_table`` as a markdown table; "-" for a figure a run does not have."""
+    cells = {"method": table["method"], "task": table["task"].map(lambda t: TASK_TITLES.get(t, t))}
+    for col, (title, fmt) in COMPARE_COLUMNS.items():
+        cells[title] = table[col].map(lambda v, fmt=fmt: "-" if pd.isna(v) else fmt.format(v))
+    return pd.DataFrame(cells).to_markdown(index=False, disable_numparse=True,
+                                           colalign=["left", "left"] + ["right"] * len(COMPARE_COLUMNS))

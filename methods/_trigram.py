@@ -13,7 +13,8 @@ Layout (all numpy, token ids < 2**20):
     ``keys`` int64 [K] (sorted), ``offsets`` int64 [K+1], ``succ`` int32 [E], ``prob`` float32 [E],
     each key's successors sorted by probability (descending), then token id; plus ``meta.json``;
   * in memory: the same arrays after keeping the top ``prune_topk`` successors per key (load time,
-    as released), plus a small dict overlay holding every key the online boost has touched.
+    as released), plus a small dict overlay holding every key the online boost has touched, mirrored
+    into arrays for the compiled search (``arrays()``).
 """
 
 from __future__ import annotations
@@ -190,6 +191,46 @@ class TrigramTable:
         self.succ = arrays["succ"]        # int32 [E]
         self.prob = arrays["prob"]        # float32 [E]
         self.boosted: dict[int, dict[int, float]] = {}  # key -> {successor: score}, insertion-ordered
+        self.base_max_row = int(np.diff(self.offsets).max()) if len(self.keys) else 0
+        self._clear_mirror()
+
+    # The overlay mirrored for the compiled search (methods/_aded_search.py): the boosted keys, sorted, with
+    # their slots, and per slot a run of a pool; a row that outgrows its run moves to the pool's end.
+    def _clear_mirror(self) -> None:
+        self.boosted_keys, self.slots = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        self.start, self.length, self.capacity = (np.zeros(64, np.int64) for _ in range(3))
+        self.pool_succ, self.pool_score, self.pool_used = np.zeros(1024, np.int32), np.zeros(1024, np.float64), 0
+        self.max_row = self.base_max_row
+
+    def _mirror(self, key: int) -> None:
+        row = self.boosted[key]
+        n = len(row)
+        i = int(np.searchsorted(self.boosted_keys, key))
+        if i < len(self.boosted_keys) and self.boosted_keys[i] == key:
+            s = int(self.slots[i])
+        else:  # a new key: the next slot
+            s = len(self.slots)
+            self.boosted_keys, self.slots = np.insert(self.boosted_keys, i, key), np.insert(self.slots, i, s)
+            if s == len(self.start):
+                self.start, self.length, self.capacity = (np.r_[a, np.zeros_like(a)] for a in
+                                                          (self.start, self.length, self.capacity))
+        if n > self.capacity[s]:  # (re)allocate a run of twice the length at the pool's end
+            need = self.pool_used + 2 * n
+            if need > len(self.pool_succ):
+                size = max(need, 2 * len(self.pool_succ))
+                self.pool_succ = np.r_[self.pool_succ, np.zeros(size - len(self.pool_succ), np.int32)]
+                self.pool_score = np.r_[self.pool_score, np.zeros(size - len(self.pool_score))]
+            self.start[s], self.capacity[s], self.pool_used = self.pool_used, 2 * n, need
+        lo = self.start[s]
+        self.pool_succ[lo:lo + n] = list(row)
+        self.pool_score[lo:lo + n] = list(row.values())
+        self.length[s] = n
+        self.max_row = max(self.max_row, n)
+
+    def arrays(self) -> tuple:
+        """The tuple the compiled search reads (layout in methods/_aded_search.py)."""
+        return (self.keys, self.offsets, self.succ, self.prob, self.boosted_keys, self.slots, self.start,
+                self.length, self.pool_succ, self.pool_score)
 
     @property
     def nbytes(self) -> int:
@@ -212,12 +253,17 @@ class TrigramTable:
     def boost(self, window: Sequence[int], delta: float, cap: float) -> None:
         """``S[(a,b)][c] = min(S[(a,b)][c] + delta, cap)`` for every consecutive triple of ``window``
         (absent keys / successors start from 0). No renormalisation, no decay: the table only grows."""
+        touched = {}
         for a, b, c in zip(window, window[1:], window[2:]):
             key = (a << SHIFT) | b
             overlay = self.boosted.get(key)
             if overlay is None:
                 overlay = self.boosted[key] = dict(zip(*self.base_row(key)))
             overlay[c] = min(overlay.get(c, 0.0) + delta, cap)
+            touched[key] = None
+        for key in touched:
+            self._mirror(key)
 
     def clear_boost(self) -> None:
         self.boosted.clear()
+        self._clear_mirror()

@@ -22,18 +22,26 @@ prefixes, as the paper's parallel baseline), ``one`` = a single greedy branch. K
 Details the spec leaves open or marks [U], and how they are read here:
 * Versions of the released code disagree on the ravel depth (``branch_length`` in
   ``pia/``, ``branch_length - 1`` in an older copy); we follow the spec: depth <= ``branch_length``.
-* The released code truncates the *prompt* at its first EOS before insertion. For chat templates
-  whose end-of-turn token is the EOS (SmolLM2's ``<|im_end|>`` = 2) that would keep only the system
-  message, so the prompt is inserted whole [design]; the generated stream is still cut at the first
-  stop id, as released.
+* Prompt insertion (``prompt_insertion``): the released ``put`` cuts the prompt at its first EOS
+  (any of the generation config's EOS ids) before inserting it, and so does ``released`` (default).
+  With chat templates whose end-of-turn token is the EOS (SmolLM2's ``<|im_end|>`` = 2) that keeps
+  little more than the system message; ``whole`` [design] inserts the whole prompt
+  (``conf/method/lookahead_whole_prompt.yaml``). The generated stream is cut at the first stop id
+  in both, as released.
 * ``one`` mode ranks children by the same mixed score as ``hier`` (input-dominated). The released
   ``get_one_branch`` swaps the input/output slots (10000 x output + input); we treat that as a bug.
 * Released ``put`` marks a *new* input tree as not updated for the pruning batch; here every touched
   tree counts (the batch trigger is a heuristic either way).
-* The released mixed-mode cut-offs are ported as written, quirks included: when fewer than
-  ``min_output_size`` nodes have output frequency the output cut-off is 0 and every node passes
-  (the DFS budget still bounds the tree); zero-frequency nodes (eliminated prompt n-grams) can be
-  drafted when the live subtree is under budget (spec pitfall; harmless for correctness).
+* Budget filter (``budget_filter``), when a matched subtree holds more live nodes than
+  ``decoding_length``: since its Feb-2024 revision the released ``Tree.get`` stores ``None`` as every
+  candidate's index, so the mixed-frequency fill never sets its cut-off and only nodes at or above
+  the output-frequency cut-off (the ``min_output_size``-th largest) survive; prompt-only branches
+  drop. ``released`` (default) reproduces that; ``indexed`` is the pre-2024 code (indices = DFS
+  position), where the top mixed-frequency nodes fill the rest of the budget. Both keep the released
+  quirks: when fewer than ``min_output_size`` nodes have output frequency the output cut-off is 0 and
+  every node passes (the DFS budget still bounds the tree); zero-frequency nodes (eliminated prompt
+  n-grams) can be drafted when the live subtree is under budget (spec pitfall; harmless for
+  correctness).
 * Depth is also clipped to ``remaining - 1`` (the released code clips to ``max_length``), so no
   node is drafted that could never be committed; the "enough tokens" threshold of the fallback
   keeps the unclipped ``branch_length``.
@@ -71,6 +79,8 @@ log = logging.getLogger(__name__)
 MODES = ("hier", "par", "one")
 RANKS = ("mix", "input", "output")
 RESET_POLICIES = ("never", "per_question")
+BUDGET_FILTERS = ("released", "indexed")      # see TokenTrie._cutoffs
+PROMPT_INSERTIONS = ("released", "whole")     # prompt cut at its first stop id (released put) | whole prompt
 INF = 1e9  # "no cut-off" in the released code
 
 
@@ -127,14 +137,15 @@ class TokenTrie:
 
     def get(self, rest: Sequence[int], max_size: int, max_length: int, rank: str = "mix",
             min_input_size: int = 0, min_output_size: int = 0,
-            output_weight: float = 1e-4) -> tuple[list[int], list[int]]:
+            output_weight: float = 1e-4, budget_filter: str = "released") -> tuple[list[int], list[int]]:
         """Released ``Tree.get``: budget cut-offs, then DFS ravel. Returns (tokens, parents) of the
         draft nodes (root excluded); parents index the tree, 0 = root, so node i has index i + 1."""
         nodes = self.match(rest)
         if not nodes:
             return [], []
         weight = {"mix": output_weight, "input": 0.0, "output": 1.0}[rank]
-        cut_in, cut_out, cut_mix = self._cutoffs(nodes, max_size, rank, min_input_size, min_output_size, weight)
+        cut_in, cut_out, cut_mix = self._cutoffs(nodes, max_size, rank, min_input_size, min_output_size, weight,
+                                                 budget_filter)
         tokens: list[int] = []
         parents: list[int] = []
 
@@ -161,8 +172,14 @@ class TokenTrie:
         return tokens, parents
 
     @staticmethod
-    def _cutoffs(nodes, max_size, rank, min_input_size, min_output_size, weight) -> tuple[float, float, float]:
-        """(input, output, mixed) frequency cut-offs; a node is drafted if it passes any (mix mode)."""
+    def _cutoffs(nodes, max_size, rank, min_input_size, min_output_size, weight,
+                 budget_filter: str = "released") -> tuple[float, float, float]:
+        """(input, output, mixed) frequency cut-offs; a node is drafted if it passes any (mix mode).
+
+        Over budget in mix mode, ``released`` (Feb-2024+ code: every candidate's index is ``None``,
+        so the mixed fill loop never counts a node) leaves the mixed cut-off at "none passes", and
+        only the input/output reservations survive; ``indexed`` (pre-2024 code: candidates indexed by
+        DFS position) derives the mixed cut-off from the nodes that fill the rest of the budget."""
         freqs: list[tuple[float, float, float]] = []  # (fi, fo, fm) of live nodes, DFS order
 
         def collect(children: dict[int, TrieNode]) -> None:
@@ -190,7 +207,7 @@ class TokenTrie:
                 by_out = sorted(range(len(freqs)), key=lambda i: freqs[i][1], reverse=True)
                 cut_out = freqs[by_out[min_output_size - 1]][1]
                 chosen.update(by_out[:min_output_size])
-            if len(chosen) < max_size:
+            if budget_filter == "indexed" and len(chosen) < max_size:
                 by_mix = sorted(range(len(freqs)), key=lambda i: freqs[i][2], reverse=True)
                 rest_size = max_size - len(chosen)
                 chosen.update(by_mix[:rest_size])
@@ -353,7 +370,8 @@ class TrieForest:
 
     def retrieve(self, query: Sequence[int], decoding_length: int, branch_length: int, mode: str = "hier",
                  rank: str = "mix", min_input_size: int = 0, min_output_size: int = 1,
-                 output_weight: float = 1e-4, max_depth: Optional[int] = None) -> tuple[list[int], list[int]]:
+                 output_weight: float = 1e-4, max_depth: Optional[int] = None,
+                 budget_filter: str = "released") -> tuple[list[int], list[int]]:
         """Draft (tokens, parents) for the last committed tokens ``query`` (root = ``query[-1]``).
 
         Longest context first (key ``query[0]`` with the rest as a trie prefix, then shorter); a stage
@@ -376,7 +394,7 @@ class TrieForest:
                 parents = list(range(len(tokens)))
             else:
                 tokens, parents = tree.get(rest, decoding_length, branch_length, rank, min_input_size,
-                                           min_output_size, output_weight)
+                                           min_output_size, output_weight, budget_filter)
             if len(tokens) + 1 >= enough:
                 break
         if mode == "par":
@@ -411,6 +429,14 @@ def assistant_header_ids(tokenizer) -> list[int]:
     return tokenizer(with_header[len(without):], add_special_tokens=False).input_ids
 
 
+def cut_at_stop(tokens: Sequence[int], stops: frozenset) -> Sequence[int]:
+    """``tokens`` up to (excluding) the first stop id, as the released ``put``/``stream_put`` do."""
+    for i, tok in enumerate(tokens):
+        if tok in stops:
+            return tokens[:i]
+    return tokens
+
+
 # ---------------------------------------------------------------------------------------------- method
 @register("lookahead")
 class Lookahead(Proposer):
@@ -422,7 +448,8 @@ class Lookahead(Proposer):
                  max_output_node: int = 512, squeeze_batch: int = 1024, stop_words: Sequence[int] = (),
                  eliminate_prompt_branches: bool = True, reset_policy: str = "never",
                  warm_start: Optional[str] = None, warm_start_max_records: Optional[int] = 500,
-                 warm_start_prune: bool = True):
+                 warm_start_prune: bool = True, budget_filter: str = "released",
+                 prompt_insertion: str = "released"):
         super().__init__(env)
         mode, _, rank = decoding_mode.partition("_")
         rank = rank or "mix"
@@ -431,6 +458,11 @@ class Lookahead(Proposer):
                              "optionally suffixed _mix/_input/_output")
         if reset_policy not in RESET_POLICIES:
             raise ValueError(f"reset_policy must be one of {RESET_POLICIES}")
+        if budget_filter not in BUDGET_FILTERS:
+            raise ValueError(f"budget_filter must be one of {BUDGET_FILTERS}, got {budget_filter!r}")
+        if prompt_insertion not in PROMPT_INSERTIONS:
+            raise ValueError(f"prompt_insertion must be one of {PROMPT_INSERTIONS}, got {prompt_insertion!r}")
+        self.budget_filter, self.prompt_insertion = budget_filter, prompt_insertion
         if decoding_length < 1 or branch_length < 0 or max_query_length < 1:
             raise ValueError("decoding_length >= 1, branch_length >= 0 and max_query_length >= 1 are required")
         self.decoding_length, self.branch_length = decoding_length, branch_length
@@ -506,25 +538,25 @@ class Lookahead(Proposer):
     def begin(self, ctx: Context) -> None:
         start = time.perf_counter()
         self.forest.buffer = []
-        self.forest.put(ctx.tokens[1:ctx.prompt_len], self.window, output=False)  # released skips token 0 (BOS)
+        prompt = ctx.tokens[1:ctx.prompt_len]  # released skips token 0 (BOS)
+        if self.prompt_insertion == "released":  # released put: cut at the first EOS
+            prompt = cut_at_stop(prompt, self.stop_ids)
+        self.forest.put(prompt, self.window, output=False)
         self.dirty = True
         self.update_time += time.perf_counter() - start
 
     def propose(self, ctx: Context) -> DraftTree:
         tokens, parents = self.forest.retrieve(
             ctx.tokens[-self.max_query_length:], self.decoding_length, self.branch_length, self.mode, self.rank,
-            self.min_input_size, self.min_output_size, self.output_weight, max_depth=ctx.remaining - 1)
+            self.min_input_size, self.min_output_size, self.output_weight, max_depth=ctx.remaining - 1,
+            budget_filter=self.budget_filter)
         device = self.env.device
         return DraftTree(torch.tensor([ctx.root, *tokens], dtype=torch.long, device=device),
                          torch.tensor([-1, *parents], dtype=torch.long, device=device))
 
     def observe(self, step: StepResult) -> None:
         start = time.perf_counter()
-        committed = step.committed
-        for i, tok in enumerate(committed):  # released: the stream is cut at the first EOS
-            if tok in self.stop_ids:
-                committed = committed[:i]
-                break
+        committed = cut_at_stop(step.committed, self.stop_ids)  # released: the stream is cut at the first EOS
         self.forest.stream_put(committed, self.window)
         self.update_time += time.perf_counter() - start
 
@@ -536,4 +568,5 @@ class Lookahead(Proposer):
     def stats(self) -> dict:
         return {**self.warm_info, "decoding_length": self.decoding_length, "branch_length": self.branch_length,
                 "decoding_mode": f"{self.mode}_{self.rank}", "reset_policy": self.reset_policy,
+                "budget_filter": self.budget_filter, "prompt_insertion": self.prompt_insertion,
                 "trie_update_s": round(self.update_time, 3), **self.forest.stats()}

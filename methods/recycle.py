@@ -18,19 +18,25 @@ top-k tokens the target predicted after the latest tree node holding ``t``. Each
 Decisions on details the spec leaves open ([U] / [design]):
   * Duplicate writes in one update: the **last node in index order wins** (deterministic; on CUDA the
     released code's winner is unspecified).
-  * The update is **skipped on the final step** of a generation (``step.final``), as the released loop
-    breaks before its update (truncation at a stop id or the length limit only happens on that step,
-    so every update sees a fully committed step).
+  * The update on the last step of a generation (``final_update``; the table carries it into the
+    next question, so it can change later drafts). ``released`` (default): the released loop breaks
+    *before* its update when the accepted path holds the EOS or the step overshoots
+    ``max_new_tokens`` by 2+ tokens (it tests ``generated - 1 > max_new_tokens``), and *after* it when
+    the EOS is the bonus token; the same here. The released loop also runs past ``max_new_tokens``
+    by up to one token, which the harness never does (the truncation rule is the core's). ``skip``
+    never updates on the last step (this module's earlier behaviour).
   * ``update: accepted`` writes the rows of the root and the accepted nodes (``step.path``).
   * ``reset: never`` (paper) keeps the table across questions and turns. ``reset("run")`` always
     clears it: the paper's table lives for one process = one run. Whether warm-up trains the table is
     the core's ``warmup_keeps_state`` (the paper: it does; 3 warm-up runs).
-  * ``dedup_siblings`` (default true, verifier.md §2): cold rows are eight copies of token 0, so
-    siblings can repeat a token; the repeat and its subtree are dropped before verification (the first
-    copy = lowest rank stays). In 2.2.2 and its nested subsets every lower-rank sibling's subtree
-    contains the higher-rank sibling's, so no acceptance is lost; only the forward gets cheaper. Hot
-    rows (top-k indices) never repeat, so a warm table almost always gives the full tree. ``false``
-    reproduces the released code (always 81 tokens).
+  * ``dedup_siblings`` (default false = the released code: always the full template): cold rows are
+    eight copies of token 0, so siblings can repeat a token; ``true`` (verifier.md §2) drops the
+    repeat and its subtree before verification (the first copy = lowest rank stays). In 2.2.2 and its
+    nested subsets every lower-rank sibling's subtree contains the higher-rank sibling's, so no
+    acceptance is lost in that step, but the trajectory can change: the dropped nodes also wrote
+    table rows, and which node writes a repeated token last (hence with which context) moves. With
+    a depth-1 template (``recycle_cpu``: the root's top 4) every duplicate has the same context, so
+    the rows written are the same and ``true`` only makes the cold forwards cheaper.
   * ``update_from_prefill: true`` (ablation; paper = false): the core's prefill keeps only the last
     logits, so this runs one extra no-cache forward over the prompt in ``begin`` (counted in prefill
     time), then writes ``A[prompt[i]] = topk(logits_i)`` for i < len(prompt) - 1, last index wins.
@@ -52,6 +58,8 @@ from typing import Optional
 
 import torch
 
+from specdec.decode import device_work
+from specdec.prompts import stop_ids
 from specdec.proposer import Context, MethodEnv, Proposer, StepResult, register
 from specdec.tree import DETERMINISTIC, DraftTree
 
@@ -74,6 +82,7 @@ TREE_ORDERS = ("bfs", "rank_sum")
 RESET_POLICIES = ("never", "question", "turn")
 UPDATE_POSITIONS = ("all", "accepted")
 TABLE_DTYPES = {"int64": torch.int64, "int32": torch.int32}
+FINAL_UPDATES = ("released", "skip")
 
 
 def expand_children(children: dict[RankPath, int]) -> list[RankPath]:
@@ -225,7 +234,7 @@ class TokenRecycling(Proposer):
 
     def __init__(self, env: MethodEnv, k: int = 8, tree: str = "2.2.2", tree_nodes: Optional[int] = None,
                  tree_order: str = "bfs", reset: str = "never", update: str = "all", table_dtype: str = "int64",
-                 update_from_prefill: bool = False, dedup_siblings: bool = True):
+                 update_from_prefill: bool = False, dedup_siblings: bool = False, final_update: str = "released"):
         super().__init__(env)
         if int(k) < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -235,6 +244,11 @@ class TokenRecycling(Proposer):
             raise ValueError(f"update must be one of {UPDATE_POSITIONS}, got {update!r}")
         if table_dtype not in TABLE_DTYPES:
             raise ValueError(f"table_dtype must be one of {sorted(TABLE_DTYPES)}, got {table_dtype!r}")
+        if final_update not in FINAL_UPDATES:
+            raise ValueError(f"final_update must be one of {FINAL_UPDATES}, got {final_update!r}")
+        self.final_update = final_update
+        self.stop_ids = (stop_ids(env.tokenizer, getattr(env.model, "generation_config", None))
+                         if env.tokenizer is not None else frozenset())
         self.k, self.reset_policy, self.update = int(k), reset, update
         self.update_from_prefill, self.dedup_siblings = bool(update_from_prefill), bool(dedup_siblings)
         self.template = load_template(tree, tree_nodes, tree_order, self.k, env.device)
@@ -287,12 +301,23 @@ class TokenRecycling(Proposer):
         top = torch.topk(logits[wins], self.k, dim=-1).indices   # [n', k]
         self.table[tokens[wins]] = top.to(self.table.dtype)
 
+    def updates_on(self, step: StepResult) -> bool:
+        """Whether the released loop reaches its table update on this step (``final_update``)."""
+        if not step.final:
+            return True
+        if self.final_update == "skip":
+            return False
+        uncommitted = len(step.path) - len(step.committed)  # accepted drafts + bonus cut by the truncation
+        eos_in_path = uncommitted > 0 and step.committed[-1] in self.stop_ids  # a stop id among the drafts
+        return not eos_in_path and uncommitted < 2
+
     def observe(self, step: StepResult) -> None:
-        if step.final:  # the released loop stops before updating on the last step
+        if not self.updates_on(step):
             return
         start = time.perf_counter()
         nodes = slice(None) if self.update == "all" else torch.tensor(step.path, device=step.logits.device)
-        self.write_rows(step.tree.tokens[nodes], step.logits[nodes])
+        with device_work():  # top-k over every node's logits runs on the target's device: its own figure
+            self.write_rows(step.tree.tokens[nodes], step.logits[nodes])
         self.steps += 1
         self.observe_time += time.perf_counter() - start
 
@@ -320,5 +345,6 @@ class TokenRecycling(Proposer):
         return {"table_bytes": self.table.numel() * self.table.element_size(), "vocab_size": self.table.shape[0],
                 "k": self.k, "table_dtype": str(self.table.dtype).removeprefix("torch."),
                 "tree_tokens": self.template.size, "tree_depth": len(self.template.bounds) - 1,
+                "dedup_siblings": self.dedup_siblings, "final_update": self.final_update,
                 "updates": self.steps, "observe_time_s": round(self.observe_time, 4),
                 "pruned_duplicate_nodes": self.pruned_nodes}

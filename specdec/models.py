@@ -115,9 +115,14 @@ def resolve_source(path: str, cache_dir: Path) -> tuple[str, dict]:
 
 
 def load_model(path: str, device: torch.device, dtype: torch.dtype, attn_implementation: str = "sdpa",
-               cache_dir: Path | None = None):
-    """Load (model, tokenizer). The model is in eval mode on ``device`` in ``dtype``."""
+               cache_dir: Path | None = None, backend: str = "eager"):
+    """Load (model, tokenizer). The model is in eval mode on ``device`` in ``dtype``, on ``backend``
+    (``specdec.backends``: eager, onednn, compile or auto)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .backends import apply_backend, resolve_backend
+
+    resolve_backend(backend, device, dtype)  # a bad name fails before the weights are read
 
     location, kwargs = resolve_source(path, cache_dir or default_cache_dir())
     try:
@@ -126,7 +131,7 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype, attn_impleme
                                                      **kwargs)
     except OSError as err:
         raise UserError(f"cannot load model {path!r}: {str(err).splitlines()[0]}") from None
-    return model.to(device).eval(), tok
+    return apply_backend(model.to(device).eval(), backend), tok
 
 
 def vocab_size(model) -> int:

@@ -32,6 +32,9 @@ class Context:
     tokens: list[int]  # committed sequence: prompt + generated; tokens[-1] is the root
     prompt_len: int    # number of prompt tokens at the start of ``tokens``
     remaining: int     # tokens this generation may still commit (max_new_tokens - generated)
+    # The target's last hidden states at ``tokens[:-1]`` [len(tokens) - 1, H]; only for proposers with
+    # ``wants_hidden`` (feature-based drafters: EAGLE heads), else None.
+    hidden: Optional[torch.Tensor] = None
 
     @property
     def root(self) -> int:
@@ -63,10 +66,18 @@ class MethodEnv:
     model: Any = None            # the target model, read-only (self-speculative methods)
     seed: int = 0
     cache_dir: Optional[str] = None  # where methods may cache built artefacts (outside git)
+    drafter: Any = None          # a ``specdec.drafter.Drafter`` (conf/drafter/), or None (drafter=none)
+    temperature: float = 0.0     # the run's sampling settings: drafters' q must use the target's processors
+    top_k: int = 0
+    top_p: float = 1.0
 
 
 class Proposer:
     """Base class: a root-only tree each step (the autoregressive baseline)."""
+
+    needs_drafter = False  # True: drafts with ``MethodEnv.drafter`` (conf/drafter/), which must not be None
+
+    wants_hidden = False  # True: the loop keeps ``Context.hidden`` (costs a feature copy per step)
 
     def __init__(self, env: MethodEnv):
         self.env = env

@@ -10,7 +10,13 @@ Aggregates, per task and ``overall``:
   lossless              fraction of questions whose output ids equal the baseline's
   draft_share           Σ draft time / Σ wall time
   proposer_share        Σ (draft + update) time / Σ step time (prefill excluded): the method's own cost
-Keys are snake_case and form a contract that ``analysis/`` reads (SCHEMA_VERSION).
+  proposer_ms_mean      host milliseconds of propose + observe per verify step, pooled over all steps, minus the
+  proposer_ms_p95       work a method attributes to the device (``specdec.decode.device_work``); and its 95th
+                        percentile. Records written before the per-step lists existed: the mean from the
+                        per-turn sums, p95 None
+  device_ms_mean        milliseconds per step of that device work (Token Recycling's top-k), None before
+Keys are snake_case and form a contract that ``analysis/`` reads (SCHEMA_VERSION; the per-step lists
+``step_draft_time``, ``step_update_time``, ``step_device_time`` are optional extras of version 1).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Iterable, Optional
+
+import numpy as np
 
 from .decode import Generation
 
@@ -39,6 +47,9 @@ def turn_figures(gens: list[Generation]) -> dict:
         "verify_time": [g.verify_time for g in gens],
         "commit_time": [g.commit_time for g in gens],
         "update_time": [g.update_time for g in gens],
+        "step_draft_time": [round(t, 7) for g in gens for t in g.step_draft_times],
+        "step_update_time": [round(t, 7) for g in gens for t in g.step_update_times],
+        "step_device_time": [round(t, 7) for g in gens for t in g.step_device_times],
         "stop_reason": [g.stop_reason for g in gens],
     }
 
@@ -53,7 +64,8 @@ def answer_record(question: dict, model_id: str, texts: list[str], gens: list[Ge
     }
     if baseline is not None:
         figures = turn_figures(baseline)
-        figures.pop("tree_sizes")
+        for key in ("tree_sizes", "step_draft_time", "step_update_time", "step_device_time"):
+            figures.pop(key)
         record["baseline"] = figures
         record["order"] = order
     if lossless is not None:
@@ -129,6 +141,7 @@ def aggregate(records: list[dict]) -> dict:
     step_time = sum(sum(c.get(k, [0.0])) for c in choices for k in ("draft_time", "verify_time", "commit_time", "update_time"))
     if step_time > 0:  # the method's own cost (drafting + learning) as a share of the decode steps
         out["proposer_share"] = sum(sum(c["draft_time"]) + sum(c.get("update_time", [0.0])) for c in choices) / step_time
+    out.update(proposer_ms(choices))
     baselines = [r["baseline"] for r in records if "baseline" in r]
     if baselines and len(baselines) == len(records):
         out["baseline_tokens_per_s"] = _mean(_rate(b) for b in baselines)
@@ -139,6 +152,20 @@ def aggregate(records: list[dict]) -> dict:
     if checks and len(checks) == len(records):
         out["lossless"] = sum(checks) / len(checks)
     return out
+
+
+def proposer_ms(choices: list[dict]) -> dict:
+    """``proposer_ms_mean`` / ``_p95`` and ``device_ms_mean`` per verify step (module docstring)."""
+    if choices and all("step_draft_time" in c for c in choices):
+        host = np.array([d + u for c in choices for d, u in zip(c["step_draft_time"], c["step_update_time"])])
+        device = [t for c in choices for t in c["step_device_time"]]
+        if len(host):
+            return {"proposer_ms_mean": 1e3 * float(host.mean()),
+                    "proposer_ms_p95": 1e3 * float(np.percentile(host, 95)),
+                    "device_ms_mean": 1e3 * float(np.mean(device))}
+    steps = sum(len(c["accept_lengths"]) for c in choices)
+    spent = sum(sum(c.get("draft_time", [])) + sum(c.get("update_time", [])) for c in choices)
+    return {"proposer_ms_mean": 1e3 * spent / steps if steps else None, "proposer_ms_p95": None, "device_ms_mean": None}
 
 
 def summarize(records: list[dict], task_order: Iterable[str]) -> dict:
@@ -157,8 +184,10 @@ def format_table(tasks: dict) -> str:
     """Console table: one row per task."""
     cols = [("task", None), ("n", "{:d}"), ("mat", "{:.2f}"), ("tokens_per_s", "{:.2f}"),
             ("baseline_tokens_per_s", "{:.2f}"), ("speedup", "{:.3f}x"), ("lossless", "{:.0%}"),
-            ("proposer_share", "{:.1%}")]
-    header = ["task", "n", "MAT", "tok/s", "AR tok/s", "speedup", "lossless", "proposer"]
+            ("proposer_share", "{:.1%}"), ("proposer_ms_mean", "{:.3f}"), ("proposer_ms_p95", "{:.3f}"),
+            ("device_ms_mean", "{:.3f}")]
+    header = ["task", "n", "MAT", "tok/s", "AR tok/s", "speedup", "lossless", "proposer", "prop. ms", "p95 ms",
+              "device ms"]
     rows = []
     for name, agg in tasks.items():
         row = [name]

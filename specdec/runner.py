@@ -23,12 +23,15 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from .acceptance import make_rule
+from .backends import backend_of, warm
 from .decode import Generation, Stopwatch, generate
+from .drafter import build_drafter
 from .errors import UserError
 from .models import default_cache_dir, load_model, resolve_device, resolve_dtype, vocab_size
 from .prompts import PromptBuilder, stop_ids
 from .proposer import MethodEnv, Proposer, build_proposer
 from .results import SCHEMA_VERSION, AnswerFile, answer_record, format_table, summarize, write_json
+from .settings import check_settings
 from .target import Target
 from .tracking import make_tracker
 
@@ -47,10 +50,7 @@ class Runner:
     """Everything loaded once per run; ``answer`` runs one question through one proposer."""
 
     def __init__(self, cfg: DictConfig):
-        if cfg.max_new_tokens is None or int(cfg.max_new_tokens) <= 0:
-            raise UserError(f"max_new_tokens must be a positive integer, got {cfg.max_new_tokens}")
-        if cfg.baseline not in ("paired", "none"):
-            raise UserError(f"baseline must be 'paired' or 'none', got {cfg.baseline!r}")
+        check_settings(cfg)  # one clear line for a bad setting; numeric settings coerced to their types
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
@@ -58,16 +58,27 @@ class Runner:
         self.dtype = resolve_dtype(str(cfg.dtype), self.device)
         torch.manual_seed(int(cfg.seed))
         self.model, self.tokenizer = load_model(cfg.model.path, self.device, self.dtype,
-                                                cfg.model.get("attn_implementation", "sdpa"), default_cache_dir())
+                                                cfg.model.get("attn_implementation", "sdpa"), default_cache_dir(),
+                                                backend=str(cfg.backend))
         self.target = Target(self.model)
+        if self.target.backend == "compile":
+            warm(self.target)  # compile before anything is timed; the log shows how long it took
         self.prompts = PromptBuilder(self.tokenizer, cfg.model.get("chat_template"))
         self.stops = stop_ids(self.tokenizer, self.model.generation_config)
         self.context_len = getattr(self.model.config, "max_position_embeddings", None)
         self.clock = Stopwatch(self.device)
+        drafter_cfg = OmegaConf.to_container(cfg.drafter, resolve=True) if cfg.get("drafter") else None
+        drafter = build_drafter(drafter_cfg, self.model, self.tokenizer, vocab_size(self.model), default_cache_dir())
         env = MethodEnv(vocab_size=vocab_size(self.model), device=self.device, tokenizer=self.tokenizer,
-                        model=self.model, seed=int(cfg.seed), cache_dir=str(default_cache_dir()))
+                        model=self.model, seed=int(cfg.seed), cache_dir=str(default_cache_dir()), drafter=drafter,
+                        temperature=float(cfg.temperature), top_k=int(cfg.top_k), top_p=float(cfg.top_p))
         self.proposer = build_proposer(OmegaConf.to_container(cfg.method, resolve=True), env)
         self.baseline = Proposer(env) if cfg.baseline == "paired" else None
+        self.env = env  # specdec.compare builds further proposers on the same target
+
+    def build(self, method_cfg: DictConfig) -> Proposer:
+        """A proposer for one ``conf/method`` config, sharing this run's model and environment."""
+        return build_proposer(OmegaConf.to_container(method_cfg, resolve=True), self.env)
 
     def check_fits(self, question: dict, prompt_ids: list[int]) -> None:
         if self.context_len and len(prompt_ids) + int(self.cfg.max_new_tokens) > self.context_len:
@@ -131,7 +142,7 @@ def environment(runner: Runner) -> dict:
             "dtype": str(runner.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "git_commit": commit, "git_dirty": dirty, "attn_implementation": runner.model.config._attn_implementation,
-            "sdpa_force_gqa": os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")}
+            "sdpa_force_gqa": os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA"), "backend": backend_of(runner.model)}
 
 
 def record_session(path: Path, env: dict, questions_done: int) -> list[dict]:
@@ -145,13 +156,41 @@ def record_session(path: Path, env: dict, questions_done: int) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def task_path(cfg: DictConfig) -> Path:
+    path = Path(cfg.task.path)
+    return PROJECT_ROOT / path if not path.is_absolute() and not path.exists() else path
+
+
 def task_questions(cfg: DictConfig):
     from tasks import TASKS, load_questions
 
-    path = Path(cfg.task.path)
-    if not path.is_absolute() and not path.exists():
-        path = PROJECT_ROOT / path
-    return load_questions(path, cfg.task.get("per_category")), TASKS
+    return load_questions(task_path(cfg), cfg.task.get("per_category")), TASKS
+
+
+def warmup_question(cfg: DictConfig, questions) -> dict:
+    """The question warm-up runs on: the first one of the task's file that is not timed, so a method that
+    keeps its warm-up state (``warmup_keeps_state``) is never timed on an answer it has already seen.
+    Spec-Bench warms up on its first timed question; with state kept that inflates the question's MAT
+    (measured on spec_bench_mini: lookahead_cpu 5.05 instead of 1.49 on question 1). When the task times
+    every question of its file, Spec-Bench's choice (the first question) is the only one left."""
+    from tasks import load_questions
+
+    timed = set(questions["question_id"])
+    spare = next((q for q in load_questions(task_path(cfg)) if q["question_id"] not in timed), None)
+    if spare is None:
+        log.warning("every question of %s is timed: warm-up runs on the first one (as Spec-Bench)", cfg.task.path)
+    return spare or questions[0]
+
+
+def run_summary(cfg: DictConfig, records: list[dict], task_order, sessions: list[dict], proposer: Proposer) -> dict:
+    """``summary.json`` of one run dir (``cfg.method`` names the method whose records these are)."""
+    return {
+        "schema_version": SCHEMA_VERSION, "method": cfg.method.name, "model": cfg.model.name, "task": cfg.task.name,
+        "tasks": summarize(records, task_order), "env": sessions[-1]["env"], "sessions": sessions,
+        "warmup": int(cfg.warmup), "warmup_keeps_state": bool(cfg.warmup_keeps_state),
+        "temperature": float(cfg.temperature), "max_new_tokens": int(cfg.max_new_tokens),
+        "baseline": cfg.baseline, "method_stats": proposer.stats(),
+    }
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -169,7 +208,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     mid = model_id(cfg, runner.dtype)
     runner.proposer.reset("run")
     if todo and cfg.warmup:
-        runner.warm_up(questions[0])
+        runner.warm_up(warmup_question(cfg, questions))
     position = {qid: i for i, qid in enumerate(questions["question_id"])}  # stable across resumes
     for q in tqdm(todo, desc=f"{cfg.method.name} on {cfg.task.name}", unit="question"):
         index = position[q["question_id"]]
@@ -186,13 +225,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                                None if baseline is None else ("method_first" if method_first else "baseline_first"))
         answers.append(record)
         tracker.log_question(record)
-    summary = {
-        "schema_version": SCHEMA_VERSION, "method": cfg.method.name, "model": cfg.model.name, "task": cfg.task.name,
-        "tasks": summarize(answers.records, task_order), "env": sessions[-1]["env"], "sessions": sessions,
-        "warmup": int(cfg.warmup), "warmup_keeps_state": bool(cfg.warmup_keeps_state),
-        "temperature": float(cfg.temperature), "max_new_tokens": int(cfg.max_new_tokens),
-        "baseline": cfg.baseline, "method_stats": runner.proposer.stats(),
-    }
+    summary = run_summary(cfg, answers.records, task_order, sessions, runner.proposer)
     write_json(run_dir / "summary.json", summary)
     table = format_table(summary["tasks"])
     print(f"\n{cfg.method.name} vs AR on {cfg.task.name} ({cfg.model.name}, {summary['env']['device']}, "

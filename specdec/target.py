@@ -8,6 +8,13 @@ eager; never flash-attention, which ignores tree masks). Implements specs/verifi
   attention transformers 5.x *adds* it to the scores, which is silently wrong (§11.1).
 * ``position_ids = P + depth`` passed explicitly (the default ``arange`` is wrong for trees).
 * after acceptance the cache keeps the prefix, the root and the accepted nodes, in that order.
+* sliding-window cache layers (Mistral, Gemma 2/3, Qwen2 with ``use_sliding_window``) keep only their last
+  ``window - 1`` tokens, so rows a commit must move can be gone and a 4D tree mask no longer matches the
+  cache: ``score`` refuses any forward that would fill a sliding layer past that (``UserError``, one line)
+  and ``commit`` refuses a cache whose layers do not hold every committed row. Below the window they are
+  exact (tests/test_architectures.py).
+* the model may sit on any back end of ``specdec.backends`` (eager, oneDNN-prepacked linears, compiled);
+  the mask, positions and compaction here are the same on all of them.
 * on CPU, masked SDPA calls of grouped-query-attention models run the kernel's own GQA
   (``TRANSFORMERS_SDPA_FORCE_GQA=1``): otherwise transformers copies K/V of the whole cache per layer
   for every masked (tree) forward but not for one-token steps, a per-step cost growing with context
@@ -19,11 +26,26 @@ eager; never flash-attention, which ignores tree masks). Implements specs/verifi
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
+from .backends import backend_of
+from .errors import UserError
+from .layers import attention_mask
 from .tree import DraftTree
+
+
+@dataclass(frozen=True)
+class ShallowStates:
+    """What partial-depth verification resumes from (``DraftTree.shallow``; Kangaroo, verifier.md §10): states
+    the drafter computed with the target's own first ℓ layers for the tree's nodes, in tree order."""
+
+    start_layer: int      # ℓ: verification runs layers [ℓ, L)
+    hidden: torch.Tensor  # [1, T, H] the nodes' states entering layer ℓ
+    kv: tuple             # per layer < ℓ: (keys, values), each [1, KV heads, T, head dim], appended to the cache
 
 
 class Target:
@@ -36,47 +58,116 @@ class Target:
         self.model = model
         self.dtype = model.dtype
         self.device = model.device
+        self.backend = backend_of(model)  # specdec.backends name, recorded in profiles and summary.env
         if self.device.type == "cpu":
             os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
         self.cache: DynamicCache | None = None
+        # Feature-based drafters (EAGLE heads, specs/verifier.md §10): when ``keep_hidden`` is set, prefill and
+        # score leave the last layer's hidden states (the final norm's output, one row per input token) in
+        # ``hidden`` [n, H], captured by a forward hook -- no other layer's states are materialised.
+        self.keep_hidden = False
+        self.hidden: torch.Tensor | None = None
 
     @property
     def cache_len(self) -> int:
         return self.cache.get_seq_length() if self.cache is not None else 0
+
+    @property
+    def window_room(self) -> int | None:
+        """Most tokens the cache may hold (smallest sliding window - 1 over its layers), None if unbounded."""
+        windows = [layer.sliding_window for layer in (self.cache.layers if self.cache is not None else [])
+                   if getattr(layer, "is_sliding", False) and getattr(layer, "sliding_window", None)]
+        return min(windows) - 1 if windows else None
+
+    def check_room(self, new_tokens: int) -> None:
+        """Refuse a forward that would push a sliding-window layer past its window (rows would be lost)."""
+        room = self.window_room
+        if room is not None and self.cache_len + new_tokens > room:
+            raise UserError(f"the target's sliding-window attention keeps {room} tokens, but the cache would hold "
+                            f"{self.cache_len + new_tokens}: tree verification and KV compaction need every row; "
+                            f"use shorter prompts / max_new_tokens or a model without sliding-window layers")
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: list[int]) -> None:
         """Start a generation: encode ``prompt_ids[:-1]``; the last prompt token is the first root."""
         self.cache = DynamicCache(config=self.model.config)
         if len(prompt_ids) > 1:
+            self.check_room(len(prompt_ids) - 1)
             ids = torch.tensor([prompt_ids[:-1]], device=self.device)
             # logits_to_keep=1: the prefill commits nothing, so skip the full-vocabulary head.
-            self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            with self._tap_hidden():
+                self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        else:
+            self.hidden = (torch.zeros(0, self.model.config.hidden_size, device=self.device, dtype=self.dtype)
+                           if self.keep_hidden else None)
 
     @torch.inference_mode()
     def score(self, tree: DraftTree) -> torch.Tensor:
         """One forward over all tree nodes. Returns float32 logits ``[T, V]``; the cache grows by T."""
         P = self.cache_len
-        if tree.size == 1:  # the plain one-token step: no mask needed, causal == tree
-            out = self.model(input_ids=tree.tokens[None], position_ids=torch.tensor([[P]], device=self.device),
-                             past_key_values=self.cache, use_cache=True)
-        else:
-            out = self.model(input_ids=tree.tokens[None], attention_mask=self.tree_mask(tree, P),
-                             position_ids=(P + tree.depth)[None], past_key_values=self.cache, use_cache=True)
+        self.check_room(tree.size)
+        if tree.shallow is not None:  # Kangaroo: resume at layer ℓ from the drafter's states (verifier.md §10)
+            return self.score_from(tree, tree.shallow)
+        with self._tap_hidden():
+            if tree.size == 1:  # the plain one-token step: no mask needed, causal == tree
+                out = self.model(input_ids=tree.tokens[None], position_ids=torch.tensor([[P]], device=self.device),
+                                 past_key_values=self.cache, use_cache=True)
+            else:
+                out = self.model(input_ids=tree.tokens[None], attention_mask=self.tree_mask(tree, P),
+                                 position_ids=(P + tree.depth)[None], past_key_values=self.cache, use_cache=True)
         return out.logits[0].float()
+
+    @torch.inference_mode()
+    def score_from(self, tree: DraftTree, shallow: "ShallowStates") -> torch.Tensor:
+        """Partial-depth verification (Kangaroo, arXiv 2404.18911): append the drafter's K/V of layers
+        [0, ℓ) for the tree nodes, run only layers [ℓ, L) + norm + LM head on their layer-ℓ states.
+        Same cache contract and return value as ``score``: every layer grows by T rows, logits ``[T, V]``."""
+        from .layers import LayerRunner
+
+        if getattr(self, "_runner", None) is None:
+            self._runner = LayerRunner(self.model)  # probes once that the layers can be run in turn
+        runner, P = self._runner, self.cache_len
+        if len(shallow.kv) != shallow.start_layer or shallow.hidden.shape[1] != tree.size:
+            raise ValueError(f"shallow states for {shallow.hidden.shape[1]} nodes / {len(shallow.kv)} layers do not "
+                             f"match a {tree.size}-node tree entering layer {shallow.start_layer}")
+        for layer, (keys, values) in enumerate(shallow.kv):  # layers [0, ℓ): rows the drafter already computed
+            self.cache.update(keys, values, layer)
+        with self._tap_hidden():
+            hidden = runner.run(shallow.hidden, shallow.start_layer, runner.num_layers, (P + tree.depth)[None],
+                                self.tree_mask(tree, P), self.cache)                     # [1, T, H]
+            return runner.logits(runner.norm(hidden))
+
+    @contextmanager
+    def _tap_hidden(self):
+        """While ``keep_hidden``: store the final norm's output of the enclosed forward in ``hidden`` [n, H]."""
+        self.hidden = None
+        if not self.keep_hidden:
+            yield
+            return
+        norm = getattr(self.model.get_decoder(), "norm", None)
+        if norm is None:
+            raise UserError(f"{type(self.model).__name__} has no final norm `model.norm`: feature-based drafters "
+                            f"(EAGLE heads) need the last hidden states")
+        captured = []
+        handle = norm.register_forward_hook(lambda module, args, out: captured.append(out))
+        try:
+            yield
+        finally:
+            handle.remove()
+        self.hidden = captured[-1][0]
 
     def tree_mask(self, tree: DraftTree, prefix_len: int) -> torch.Tensor:
         """Additive float mask ``[1, 1, T, P + T]`` in the model dtype (prefix visible, tree = ancestors)."""
-        T = tree.size
-        mask = torch.zeros(T, prefix_len + T, dtype=self.dtype, device=self.device)
-        mask[:, prefix_len:].masked_fill_(~tree.ancestors, torch.finfo(self.dtype).min)
-        return mask[None, None]
+        return attention_mask(tree.ancestors, prefix_len, self.dtype)
 
     @torch.inference_mode()
     def commit(self, tree: DraftTree, path: list[int]) -> None:
         """Keep prefix + ``path`` (root-first node indices) in the cache; drop the other tree rows."""
         P = self.cache_len - tree.size
         n_drop = tree.size - len(path)
+        if any(layer.keys.shape[-2] != self.cache_len for layer in self.cache.layers):
+            raise UserError("a KV-cache layer does not hold every committed row (sliding window exceeded?): "
+                            "the accepted path cannot be compacted")
         if path != list(range(len(path))):
             # Tail-only compaction: move the accepted rows down to P, P+1, ... (advanced indexing on
             # the right copies first, so overlapping source/destination is safe).

@@ -25,7 +25,9 @@ import torch
 DETERMINISTIC = "deterministic"  # argmax / retrieved drafts: sample-and-follow
 CHAIN_SAMPLED = "chain_sampled"  # one sampled child per node: Leviathan single-draft rule
 IID = "iid"                      # k i.i.d. sampled children per node: SpecInfer multi-step rule
-KINDS = (DETERMINISTIC, CHAIN_SAMPLED, IID)
+IID_KSEQ = "iid_kseq"            # the same i.i.d. trie, verified by SpecTr's K-SEQ with rho*
+WITHOUT_REPLACEMENT = "without_replacement"  # distinct children drawn without replacement: RSD's recursive rule
+KINDS = (DETERMINISTIC, CHAIN_SAMPLED, IID, IID_KSEQ, WITHOUT_REPLACEMENT)
 
 
 @dataclass(frozen=True, eq=False)
@@ -35,13 +37,17 @@ class DraftTree:
     tokens: torch.Tensor   # int64 [T]; tokens[0] = root
     parents: torch.Tensor  # int64 [T]; parents[0] = -1, 0 <= parents[i] < i
     kind: str = DETERMINISTIC
-    # Draft distribution that produced node i's children, over the full vocabulary.
-    # float32 [T, V]; required for CHAIN_SAMPLED / IID trees under sampling, else None.
+    # Draft distribution that produced node i's children, over the full vocabulary (for
+    # WITHOUT_REPLACEMENT: before any child was drawn). float32 [T, V]; required for every kind but
+    # DETERMINISTIC under sampling, else None.
     draft_probs: Optional[torch.Tensor] = None
-    # IID only: how many of the i.i.d. draws produced node i (repeated draws share one node).
+    # IID / IID_KSEQ: how many of the i.i.d. draws produced node i (repeated draws share one node).
     multiplicity: Optional[torch.Tensor] = None  # int64 [T]
     # Method-specific payload handed back in ``StepResult`` (e.g. template ranks); never read by the core.
     meta: object = field(default=None, repr=False)
+    # Partial-depth verification (Kangaroo; verifier.md §10): a ``specdec.target.ShallowStates`` holding the
+    # nodes' states entering layer ℓ, computed while drafting; ``Target.score`` then runs layers [ℓ, L) only.
+    shallow: object = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.tokens.dim() != 1 or self.tokens.shape != self.parents.shape:

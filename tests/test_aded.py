@@ -10,6 +10,7 @@ import json
 import random
 import warnings
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,9 +24,10 @@ from conftest import (
 )
 from scipy.stats import chisquare
 
-from methods import _trigram
+from methods import _aded_search, _trigram
 from methods._trigram import SHIFT, TrigramTable
 from methods.aded import (
+    REWARDS,
     Aded,
     MemoRows,
     SearchTree,
@@ -37,7 +39,7 @@ from methods.aded import (
     select_child,
 )
 from specdec.acceptance import Sampling, sampling_processors
-from specdec.proposer import MethodEnv, build_proposer
+from specdec.proposer import Context, MethodEnv, build_proposer
 from specdec.tree import DraftTree
 
 
@@ -363,3 +365,69 @@ def test_sampling_keeps_the_target_distribution_on_aded_trees(tmp_path):
     assert_same_distribution(counts, exact)
     biased, _ = joint_counts(trees, p1, p2, AcceptFirstChild)
     assert chisquare(biased.ravel(), exact * TRIALS).pvalue < 1e-6  # the test has power
+
+
+# ---------------------------------------------------------------------------------------------- compiled search
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def recorded_table() -> TrigramTable:
+    """The table tests/fixtures/aded_drafts.json was recorded on (zipf text over 300 ids, top-12)."""
+    text = (np.random.default_rng(11).zipf(1.3, size=30000) % 300).tolist()
+    return TrigramTable(_trigram.prune(_trigram.count_table(_trigram.triple_codes(text)), 12))
+
+
+def reference_tree(table: TrigramTable, tokens: list[int], prop: Aded, rng: random.Random) -> DraftTree:
+    """The pure-Python reference of one step after the boost (what Aded.propose ran before the kernel)."""
+    search = mcts(table.row, tokens[-2], tokens[-1], prop.sims, prop.max_keys, prop.c1, prop.c2, rng, prop.reward)
+    paths = budget_cut(draft_paths(search, table.row, prop.top_sequences), prop.max_nodes)
+    return DraftTree.from_paths(tokens[-1], sorted(paths), max_nodes=prop.max_nodes) if paths \
+        else DraftTree.root_only(tokens[-1])
+
+
+@pytest.mark.parametrize("reward", ["as_released", "path_score"])
+def test_compiled_search_reproduces_the_recorded_python_drafts(reward):
+    """Drafts recorded from the pure-Python implementation (before the compiled kernel), released constants,
+    boost on, 198 consecutive contexts: the compiled path must give every tree exactly."""
+    recorded = json.loads((FIXTURES / "aded_drafts.json").read_text())[reward]
+    prop = Aded(MethodEnv(vocab_size=300, device=torch.device("cpu"), tokenizer=None, seed=3), empty_table=True,
+                reward=reward)
+    prop.table = recorded_table()
+    stream = (np.random.default_rng(12).zipf(1.3, size=200) % 300).tolist()
+    assert len(recorded) == len(stream) - 2
+    for n, (tokens, parents) in enumerate(recorded, start=2):
+        tree = prop.propose(Context(tokens=stream[:n], prompt_len=2, remaining=64))
+        assert (tree.tokens.tolist(), tree.parents.tolist()) == (tokens, parents), n
+    assert sum(len(t) for t, _ in recorded) / len(recorded) > 20  # real trees, not root-only
+
+
+def test_compiled_search_equals_the_python_reference_on_the_sharegpt_table(smollm2, task_prompts, tmp_path_factory):
+    """The real table (first 300 ShareGPT records), real prompts, the boost carried along, both rewards:
+    the same trees, and the rollouts leave the random.Random stream in the same state."""
+    _, tok, _ = smollm2
+    env = MethodEnv(vocab_size=49152, device=torch.device("cpu"), tokenizer=tok,
+                    cache_dir=str(tmp_path_factory.mktemp("aded_cache")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prop = Aded(env, max_records=300)
+    compared = 0
+    for reward in REWARDS:
+        prop.reward = reward
+        prop.reset("run")
+        rng = random.Random(prop.rng_seed)
+        for ids in task_prompts.values():
+            for n in range(max(3, len(ids) - 25), len(ids) + 1):
+                tree = prop.propose(Context(tokens=ids[:n], prompt_len=n, remaining=64))  # boosts, then searches
+                ref = reference_tree(prop.table, ids[:n], prop, rng)
+                assert (tree.tokens.tolist(), tree.parents.tolist()) == (ref.tokens.tolist(), ref.parents.tolist())
+                compared += tree.size > 1
+        assert prop.stream.to_random().getstate() == rng.getstate()
+    assert compared > 100
+
+
+def test_mersenne_twister_stream_matches_random_random():
+    rng = random.Random(1234)
+    stream = _aded_search.MTStream(rng)
+    draws = [_aded_search._random(stream.mt, stream.pos) for _ in range(2000)]  # crosses several twists
+    assert draws == [rng.random() for _ in range(2000)]
+    assert stream.to_random().getstate() == rng.getstate()

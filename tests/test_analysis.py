@@ -314,3 +314,33 @@ def test_notebook_runs_top_to_bottom_on_fixtures(name, tmp_path):
                                                             "speedup_vs_mat.pdf", "latency_profiles.pdf"}
     else:
         assert "recycle" in (tmp_path / "spec_bench.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------ proposer ms
+def test_proposer_ms_per_step_matches_the_summary_and_old_records_fall_back(stats, tmp_path):
+    from specdec.results import aggregate
+
+    run = tmp_path / "pld_steps"
+    shutil.copytree(PLD, run)
+    records = [json.loads(line) for line in (run / "answers.jsonl").read_text().splitlines()]
+    for i, rec in enumerate(records):  # add per-step lists (written since issue 14) with known values
+        n = len(rec["choices"][0]["accept_lengths"])
+        rec["choices"][0].update(step_draft_time=[1e-4 * (i + k % 7) for k in range(n)],
+                                 step_update_time=[2e-5] * n, step_device_time=[3e-4] * n)
+    (run / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    new = pick(run_stats(load_runs(run)), str(run), "overall")
+    expected = aggregate(records)
+    for col in ("proposer_ms_mean", "proposer_ms_p95", "device_ms_mean"):
+        assert new[col] == pytest.approx(expected[col]), col
+    assert new["device_ms_mean"] == pytest.approx(0.3) and new["proposer_ms_p95"] > new["proposer_ms_mean"]
+    old = pick(stats, PLD, "overall")  # the fixture run has no per-step lists: mean from the turn sums
+    assert old["proposer_ms_mean"] == pytest.approx(old["draft_ms_per_step"] + 1e3 * old_update_per_step(PLD))
+    assert math.isnan(old["proposer_ms_p95"]) and math.isnan(old["device_ms_mean"])
+    table = spec_bench_table(summarize(run_stats(load_runs(run))))
+    assert table["proposer ms"].iloc[0] == f"{expected['proposer_ms_mean']:.3f}"
+
+
+def old_update_per_step(run: str) -> float:
+    records = [json.loads(line) for line in (Path(run) / "answers.jsonl").read_text().splitlines()]
+    choices = [r["choices"][0] for r in records]
+    return sum(sum(c.get("update_time", [])) for c in choices) / sum(len(c["accept_lengths"]) for c in choices)

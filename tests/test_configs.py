@@ -1,6 +1,7 @@
 """Every config composes; method YAMLs, their ``name`` and the registry agree; every method's
 constructor accepts its YAML; every registered method reproduces greedy AR output on SmolLM2."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import method_env, run_generation
+from specdec.drafter import build_drafter
 from specdec.errors import UserError
 from specdec.proposer import build_proposer, registry
 
@@ -76,12 +78,26 @@ def test_unknown_method_setting_fails_at_start(smollm2):
         build_proposer({"name": "ar", "proposer": "ar", "typo_knob": 3}, method_env(model, tok))
 
 
+def shipped(checkpoint: str) -> bool:
+    """A drafter checkpoint (``path`` or ``path.safetensors``, relative to the repo root) is in the repo."""
+    path = CONF.parent / checkpoint
+    return path.exists() or path.with_name(path.name + ".safetensors").exists()
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_is_lossless_under_greedy(name, smollm2, task_prompts, ar_outputs):
     """A guard for new methods: each YAML, as shipped, reproduces AR on two real prompts."""
     model, tok, stops = smollm2
-    method_cfg = OmegaConf.to_container(compose_config(f"method={name}").method, resolve=True)
-    proposer = build_proposer(method_cfg, method_env(model, tok))
+    cfg = compose_config(f"method={name}")
+    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
+    env = method_env(model, tok)
+    if registry()[method_cfg["proposer"]].needs_drafter:  # the YAML's own drafter, if its checkpoint ships
+        drafter_cfg = OmegaConf.to_container(cfg.drafter, resolve=True)
+        checkpoint = drafter_cfg.get("adapter") or drafter_cfg.get("head")
+        if drafter_cfg["kind"] == "none" or (checkpoint and not shipped(checkpoint)):
+            drafter_cfg = OmegaConf.to_container(compose_config("drafter=early_exit").drafter, resolve=True)
+        env = dataclasses.replace(env, drafter=build_drafter(drafter_cfg, model, tok, env.vocab_size))
+    proposer = build_proposer(method_cfg, env)
     proposer.reset("run")
     for task in ("mt_bench", "summarization"):
         proposer.reset("question")

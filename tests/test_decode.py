@@ -2,12 +2,13 @@
 tokens and length limits are applied once, exactly; the counting invariant holds."""
 
 import random
+import time
 
 import pytest
 import torch
 
 from conftest import LOSSLESS_NEW_TOKENS, method_env, run_generation, tiny_llama
-from specdec.decode import truncate
+from specdec.decode import Stopwatch, device_work, truncate
 from specdec.proposer import Proposer
 from specdec.tree import DraftTree
 
@@ -94,3 +95,64 @@ def test_stop_mid_step_and_length_cap(max_new_tokens):
     assert gen.stop_reason == ("eos" if expected[-1] == stop else "max_new_tokens")
     if max_new_tokens == 64:
         assert gen.steps < len(expected)  # the oracle did commit several tokens per step
+
+
+# ---------------------------------------------------------------------------------------------- timing
+class Sleepy(Proposer):
+    """Known costs: 3 ms drafting, 2 ms of host learning plus 4 ms attributed to the device."""
+
+    def __init__(self, env, reference: list[int]):
+        super().__init__(env)
+        self.oracle = Oracle(env, reference, depth=3)
+
+    def propose(self, ctx):
+        time.sleep(0.003)
+        return self.oracle.propose(ctx)
+
+    def observe(self, step):
+        time.sleep(0.002)
+        with device_work():
+            time.sleep(0.004)
+
+
+def test_part_times_tile_the_wall_time_and_device_work_is_split_off(monkeypatch):
+    model = tiny_llama(vocab=64)
+    env = method_env(model)
+    prompt = [3, 9, 27, 17, 51]
+    reference = run_generation(model, Proposer(env), prompt, 24).output_ids
+    syncs = []
+    monkeypatch.setattr(Stopwatch, "sync", lambda self: syncs.append(1))
+    gen = run_generation(model, Sleepy(env, reference), prompt, 24)
+    assert gen.output_ids == reference and gen.steps < 24
+    assert len(syncs) == 2  # once at the start, once at the end: none per step
+    parts = gen.prefill_time + gen.draft_time + gen.verify_time + gen.commit_time + gen.update_time
+    assert 0 <= gen.wall_time - parts < 1e-3  # the parts tile the generation (end() and bookkeeping aside)
+    assert len(gen.step_draft_times) == len(gen.step_update_times) == len(gen.step_device_times) == gen.steps
+    assert sum(gen.step_draft_times) == pytest.approx(gen.draft_time)  # no device work while drafting
+    assert sum(gen.step_update_times) + sum(gen.step_device_times) == pytest.approx(gen.update_time)
+    assert min(gen.step_draft_times) >= 0.003 and min(gen.step_update_times) >= 0.002
+    assert min(gen.step_device_times) >= 0.004
+    with device_work():  # outside a generation: a plain block
+        pass
+
+
+def test_a_method_without_device_work_reports_zero_device_time():
+    model = tiny_llama(vocab=64)
+    gen = run_generation(model, Proposer(method_env(model)), [3, 9, 27], 4)
+    assert gen.step_device_times == [0.0] * gen.steps and len(gen.step_draft_times) == gen.steps == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_events_time_the_parts_with_two_syncs(monkeypatch):
+    model = tiny_llama(vocab=64).cuda()
+    env = method_env(model)
+    prompt = [3, 9, 27, 17, 51]
+    reference = run_generation(model, Proposer(env), prompt, 24).output_ids
+    real_sync, syncs = Stopwatch.sync, []
+    monkeypatch.setattr(Stopwatch, "sync", lambda self: (syncs.append(1), real_sync(self)))
+    gen = run_generation(model, Sleepy(env, reference), prompt, 24)
+    assert gen.output_ids == reference and len(syncs) == 2
+    parts = gen.prefill_time + gen.draft_time + gen.verify_time + gen.commit_time + gen.update_time
+    assert parts == pytest.approx(gen.wall_time, rel=0.05, abs=2e-3)  # event timeline vs synced host clock
+    assert min(gen.step_device_times) >= 0.0035 and min(gen.step_draft_times) >= 0.003

@@ -46,6 +46,23 @@ def test_prompt_insertion_counts_every_window():
     assert forest.mem[1].n_node == 4 and forest.mem[1].n_output_node == 0
 
 
+def test_released_prompt_insertion_stops_at_the_first_eos(smollm2, task_prompts):
+    model, tok, stops = smollm2
+    ids = task_prompts["mt_bench"]
+    cut = next(i for i, t in enumerate(ids) if t in stops)  # ChatML: the end of the system message
+    assert 2 < cut < len(ids) - 2
+    ctx = Context(tokens=list(ids), prompt_len=len(ids), remaining=8)
+
+    def input_keys(insertion):
+        la = Lookahead(method_env(model, tok), prompt_insertion=insertion)
+        la.begin(ctx)
+        return {key for key, trie in la.forest.mem.items() if any(n.inp > 0 for n in trie.nodes.values())}
+
+    # every token but the last of the inserted list is a key; token 0 is skipped in both
+    assert input_keys("released") == set(ids[1:cut - 1])
+    assert input_keys("whole") == set(ids[1:-1])
+
+
 def test_stream_insertion_waits_for_full_windows_and_flushes_at_the_end():
     forest = TrieForest()
     forest.stream_put([5, 6], window=3)
@@ -113,7 +130,11 @@ def test_children_ranked_by_mixed_frequency_input_first():
     trie.put([6], output=True)                   # output 1
     tokens, parents = trie.get([], max_size=8, max_length=4)
     assert tokens == [7, 8, 9, 6] and parents == [0, 0, 2, 0]  # DFS: 7 | 8 -> 9 | 6
-    assert trie.get([], max_size=3, max_length=4) == ([7, 8], [0, 0])  # root + 2 drafts
+    # over budget (4 live nodes > root + 2): pre-2024 the mixed fill keeps the top mixed scores;
+    # released, only the output reservation counts (none reserved -> nothing; one -> output >= 5)
+    assert trie.get([], max_size=3, max_length=4, budget_filter="indexed") == ([7, 8], [0, 0])
+    assert trie.get([], max_size=3, max_length=4) == ([], [])
+    assert trie.get([], max_size=3, max_length=4, min_output_size=1) == ([8, 9], [0, 1])
     assert trie.get([], max_size=8, max_length=1) == ([7, 8, 6], [0, 0, 0])  # depth 1 only
     assert trie.get([8], max_size=8, max_length=4) == ([9], [0])
     assert trie.get([5], max_size=8, max_length=4) == ([], [])  # no match: root only
@@ -124,13 +145,32 @@ def test_budget_cutoffs_reserve_top_output_nodes():
     for tok, count in zip(range(10, 16), (6, 5, 4, 3, 2, 1)):
         for _ in range(count):
             trie.put([tok], output=True)
-    # 6 live nodes > max_size 4: top-2 by output -> cut 5; then the mixed ranking fills the budget:
-    # chosen {10, 11}, then 12 (3 chosen), 13 (4 = max_size) -> mixed cut = fm(13) = w * 3
-    cut_in, cut_out, cut_mix = TokenTrie._cutoffs(trie.nodes, 4, "mix", 0, 2, W)
+    # 6 live nodes > max_size 4: top-2 by output -> cut 5. Pre-2024 (indexed): the mixed ranking then
+    # fills the budget: chosen {10, 11}, then 12 (3 chosen), 13 (4 = max_size) -> mixed cut = fm(13) = w * 3
+    cut_in, cut_out, cut_mix = TokenTrie._cutoffs(trie.nodes, 4, "mix", 0, 2, W, "indexed")
     assert (cut_in, cut_out) == (1e9, 5) and cut_mix == pytest.approx(W * 3)
-    assert trie.get([], max_size=4, max_length=3, min_output_size=2) == ([10, 11, 12], [0, 0, 0])
-    under = TokenTrie._cutoffs(trie.nodes, 8, "mix", 0, 2, W)
-    assert under == (1e9, 1e9, 0.0)  # under budget: everything passes
+    indexed = trie.get([], max_size=4, max_length=3, min_output_size=2, budget_filter="indexed")
+    assert indexed == ([10, 11, 12], [0, 0, 0])
+    # released (None indices): the mixed fill never sets its cut-off; only output >= 5 survives
+    assert TokenTrie._cutoffs(trie.nodes, 4, "mix", 0, 2, W) == (1e9, 5, 1e9)
+    assert trie.get([], max_size=4, max_length=3, min_output_size=2) == ([10, 11], [0, 0])
+    for budget_filter in ("released", "indexed"):
+        under = TokenTrie._cutoffs(trie.nodes, 8, "mix", 0, 2, W, budget_filter)
+        assert under == (1e9, 1e9, 0.0)  # under budget: everything passes
+
+
+def test_released_filter_drops_prompt_only_branches_over_budget():
+    trie = TokenTrie(65536, 512)
+    for _ in range(3):
+        trie.put([20, 21], output=False)         # prompt n-gram, input 3: first by mixed score
+    trie.put([30], output=True)                  # generated, output 1
+    trie.put([31], output=True)
+    # 4 live nodes > max_size 3 (root + 2): released keeps only output >= the 1st largest (1)
+    assert trie.get([], max_size=3, max_length=3, min_output_size=1) == ([30, 31], [0, 0])
+    # indexed: the mixed fill admits the prompt branch first (fm 3 > w)
+    assert trie.get([], max_size=3, max_length=3, min_output_size=1, budget_filter="indexed") == ([20, 21], [0, 1])
+    # under budget both draft everything, prompt branch first
+    assert trie.get([], max_size=8, max_length=3, min_output_size=1) == ([20, 21, 30, 31], [0, 1, 0, 0])
 
 
 def test_retrieval_falls_back_to_shorter_context_and_last_stage_wins():
@@ -244,7 +284,7 @@ def test_warm_start_from_jsonl_is_inserted_recorded_and_restored(smollm2, tmp_pa
     assert Lookahead(method_env(model, tok)).stats()["warm_start"] is None
 
 
-@pytest.mark.parametrize("name", ["lookahead", "lookahead_cpu"])
+@pytest.mark.parametrize("name", ["lookahead", "lookahead_cpu", "lookahead_whole_prompt"])
 def test_method_yaml_builds_the_proposer(name, smollm2):
     import yaml
     model, tok, _ = smollm2
@@ -252,15 +292,18 @@ def test_method_yaml_builds_the_proposer(name, smollm2):
     assert cfg["name"] == name and cfg["proposer"] == "lookahead"
     proposer = build_proposer(cfg, method_env(model, tok))
     assert isinstance(proposer, Lookahead) and proposer.stats()["warm_start"] is None
+    assert proposer.stats()["budget_filter"] == "released"  # the released default everywhere
+    assert proposer.stats()["prompt_insertion"] == ("whole" if name.endswith("whole_prompt") else "released")
 
 
 # ------------------------------------------------------------------ losslessness
-def test_greedy_equals_ar_on_every_task(smollm2, task_prompts, ar_outputs):
+@pytest.mark.parametrize("variant", [{}, {"budget_filter": "indexed", "prompt_insertion": "whole"}])
+def test_greedy_equals_ar_on_every_task(variant, smollm2, task_prompts, ar_outputs):
     import yaml
     model, tok, stops = smollm2
     cfg = {k: v for k, v in yaml.safe_load(open("conf/method/lookahead_cpu.yaml")).items()
            if k not in ("name", "proposer")}
-    la = Lookahead(method_env(model, tok), **cfg)
+    la = Lookahead(method_env(model, tok), **{**cfg, **variant})
     accepted = steps = 0
     for task, ids in task_prompts.items():   # tries persist across questions, as in a run
         la.reset("question")
@@ -273,7 +316,9 @@ def test_greedy_equals_ar_on_every_task(smollm2, task_prompts, ar_outputs):
 @pytest.mark.parametrize("mode", ["par", "one"])
 def test_greedy_equals_ar_in_par_and_one_modes(mode, smollm2, task_prompts, ar_outputs):
     model, tok, stops = smollm2
-    la = Lookahead(method_env(model, tok), decoding_length=16, branch_length=6, decoding_mode=mode)
+    # the whole prompt in the tries: the article's n-grams are what gets drafted in 24 tokens
+    la = Lookahead(method_env(model, tok), decoding_length=16, branch_length=6, decoding_mode=mode,
+                   prompt_insertion="whole")
     gen = run_generation(model, la, task_prompts["summarization"], 24, stops)
     assert gen.output_ids == ar_outputs["summarization"][:24]
     assert max(gen.accept_lengths) > 1

@@ -16,6 +16,7 @@ from methods.recycle import (CHILDREN_2_2_2, TokenRecycling, expand_children, la
                              load_template, nested_subset)
 from specdec.errors import UserError
 from specdec.proposer import Context, MethodEnv, StepResult, build_proposer
+from specdec.target import Target
 from specdec.tree import DraftTree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +137,7 @@ def test_breadth_first_fill_matches_reference(dtype, nodes, order):
 
 def test_cached_tree_buffers_equal_fresh_ones():
     """propose() hands over precomputed depth/ancestors; they must equal what DraftTree would build."""
-    tr = TokenRecycling(toy_env(40))
+    tr = TokenRecycling(toy_env(40), dedup_siblings=True)
     random_table(tr, seed=1)
     tr.table[11, 3] = tr.table[11, 1]  # root 11: children of rank 1 and 3 repeat -> the pruned path
     for root in (11, 12):
@@ -147,7 +148,7 @@ def test_cached_tree_buffers_equal_fresh_ones():
 
 
 def test_duplicate_siblings_are_pruned_with_their_subtree():
-    tr = TokenRecycling(toy_env(40))
+    tr = TokenRecycling(toy_env(40), dedup_siblings=True)
     tree = tr.propose(Context(tokens=[9], prompt_len=1, remaining=10))  # cold table: every row is 8 x token 0
     assert tree.tokens.tolist() == [9, 0, 0, 0, 0, 0, 0] and tree.parents.tolist() == [-1, 0, 1, 2, 3, 4, 5]
     random_table(tr, seed=2)
@@ -157,9 +158,9 @@ def test_duplicate_siblings_are_pruned_with_their_subtree():
     assert len(removed) == 5 and tree.size == 76  # "3" has children "30", "31"; "30" -> "300" -> "3000"
     kept = [i for i in range(81) if i not in removed]
     assert tree.tokens.tolist() == [reference_fill(tr.table, tr.template.paths, 9)[i] for i in kept]
-    raw = TokenRecycling(toy_env(40), dedup_siblings=False)
+    raw = TokenRecycling(toy_env(40))  # default: the released behaviour
     raw.table.copy_(tr.table)
-    assert raw.propose(Context(tokens=[9], prompt_len=1, remaining=10)).size == 81  # released behaviour
+    assert raw.propose(Context(tokens=[9], prompt_len=1, remaining=10)).size == 81
 
 
 # ---------------------------------------------------------------------------- update
@@ -192,14 +193,26 @@ def test_update_overwrites_rows(update):
     assert all(table[t] == [11] * k for t in untouched)
 
 
-def test_final_step_does_not_update():
-    tr = TokenRecycling(toy_env(10), k=2, tree_nodes=1)
-    tree = DraftTree(torch.tensor([3, 4]), torch.tensor([-1, 0]))
-    logits = torch.arange(20.0).reshape(2, 10)
-    tr.observe(step_of(tree, logits, [0], final=True))
-    assert not tr.table.any()
-    tr.observe(step_of(tree, logits, [0], final=False))
-    assert tr.table[3].tolist() == [9, 8] and tr.table[4].tolist() == [9, 8]
+EOS = 7
+
+
+@pytest.mark.parametrize("tokens,committed,released", [
+    ([3, 4, 5], [4, 5, EOS], True),     # the EOS is the bonus: the released loop updates, then stops
+    ([3, 4, EOS], [4, EOS], False),     # the EOS among the accepted drafts: it stops before the update
+    ([3, 4, 5], [4, 5], True),          # length: 1 token past max_new_tokens (released: generated - 1 > max fails)
+    ([3, 4, 5], [4], False),            # length: 2 tokens past: the released loop breaks first
+    ([3, 4, 5], [4, 5, 6], True),       # length reached exactly
+])
+def test_final_step_update_follows_the_released_loop(tokens, committed, released):
+    tree = DraftTree(torch.tensor(tokens), torch.tensor([-1, 0, 1]))  # both drafts accepted: path [0, 1, 2]
+    logits = torch.arange(30.0).reshape(3, 10)                          # every row's top-2: [9, 8]
+    for final_update in ("released", "skip"):
+        tr = TokenRecycling(toy_env(10), k=2, tree_nodes=2, tree_order="rank_sum", final_update=final_update)
+        tr.stop_ids = frozenset({EOS})
+        tr.observe(StepResult(tree, logits, [0, 1, 2], committed, final=True))
+        assert bool(tr.table.any()) == (released and final_update == "released"), final_update
+        tr.observe(StepResult(tree, logits, [0, 1, 2], committed, final=False))  # mid-generation: always
+        assert all(tr.table[t].tolist() == [9, 8] for t in tokens)
 
 
 def test_update_from_prefill_writes_prompt_rows():
@@ -305,3 +318,77 @@ def test_sampling_matches_target_distribution():
     observed = torch.cat([counts.double()[~rare], counts.double()[rare].sum()[None]])
     expected = torch.cat([expected[~rare], expected[rare].sum()[None]])
     assert chisquare(observed.numpy(), expected.numpy() * trials / float(expected.sum())).pvalue > 1e-3
+
+
+# ---------------------------------------------------------------------------- released trajectory
+def released_accept_lengths(model, prompt: list[int], max_new_tokens: int, eos: int) -> list[int]:
+    """The released recycling loop restated independently of methods/recycle.py (its control flow,
+    on our verifier): a zero table; per step fill the 2.2.2 template node by node, accept the longest
+    greedy match, stop before the update if the accepted path holds the EOS or ``generated - 1 >
+    max_new_tokens``, rewrite every node's row (later nodes overwrite earlier ones), stop after the
+    update if the bonus is the EOS. Returns accept lengths (accepted drafts + 1) per step."""
+    paths = [()] + expand_children(CHILDREN_2_2_2)
+    parent = [-1] + [paths.index(p[:-1]) for p in paths[1:]]
+    table = torch.zeros(model.config.vocab_size, 8, dtype=torch.long)
+    target = Target(model)
+    target.prefill(prompt)
+    root, generated, lengths = prompt[-1], 0, []
+    while True:
+        tokens = [root]
+        for i in range(1, len(paths)):
+            tokens.append(int(table[tokens[parent[i]], paths[i][-1]]))
+        tree = DraftTree(torch.tensor(tokens), torch.tensor(parent))
+        logits = target.score(tree)
+        best = logits.argmax(-1).tolist()
+        path = [0]
+        while True:
+            match = [c for c in range(1, len(paths)) if parent[c] == path[-1] and tokens[c] == best[path[-1]]]
+            if not match:
+                break
+            path.append(match[0])
+        target.commit(tree, path)
+        lengths.append(len(path))
+        generated += len(path)
+        if eos in [tokens[i] for i in path] or generated - 1 > max_new_tokens:
+            break
+        top = torch.topk(logits, 8, dim=-1).indices
+        for i, tok in enumerate(tokens):
+            table[tok] = top[i]
+        root = best[path[-1]]
+        if root == eos:
+            break
+    return lengths
+
+
+def test_dedup_siblings_changes_the_trajectory_and_false_follows_the_released_loop(smollm2, task_prompts,
+                                                                                   ar_outputs):
+    """First Spec-Bench writing question, zero table: ``dedup_siblings=false`` (the default) takes the
+    released loop's steps; ``true`` parts from them; both equal AR."""
+    model, tok, stops = smollm2
+    env = method_env(model, tok)
+    prompt, n = task_prompts["mt_bench"], LOSSLESS_NEW_TOKENS
+    gens = {dedup: run_generation(model, TokenRecycling(env, dedup_siblings=dedup), prompt, n, stops)
+            for dedup in (False, True)}
+    for gen in gens.values():
+        assert gen.output_ids == ar_outputs["mt_bench"]
+    released = released_accept_lengths(model, prompt, n, tok.eos_token_id)
+    ours = gens[False].accept_lengths
+    assert len(ours) > 15 and ours[:-1] == released[:len(ours) - 1]  # the last step is cut at n tokens
+    assert gens[True].accept_lengths != ours
+
+
+def test_dedup_siblings_does_not_change_recycle_cpu(smollm2, task_prompts):
+    """recycle_cpu's depth-1 tree: duplicates share the root's context, so the table and every step
+    are the same with and without the dedup (it only shrinks cold forwards)."""
+    model, tok, stops = smollm2
+    env = method_env(model, tok)
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "method" / "recycle_cpu.yaml"))
+    assert cfg["dedup_siblings"] is True
+    runs = {}
+    for dedup in (True, False):
+        tr = build_proposer({**cfg, "dedup_siblings": dedup}, env)
+        runs[dedup] = [run_generation(model, tr, task_prompts[task], 32, stops) for task in ("mt_bench", "qa")]
+        runs[dedup].append(tr.table.clone())
+    assert [g.accept_lengths for g in runs[True][:2]] == [g.accept_lengths for g in runs[False][:2]]
+    assert torch.equal(runs[True][2], runs[False][2])
+    assert runs[True][0].tree_sizes[0] == 2 < runs[False][0].tree_sizes[0] == 5  # cold root row: 4 x token 0

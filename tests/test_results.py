@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from specdec.results import AnswerFile, aggregate, summarize
+from specdec.results import AnswerFile, aggregate, format_table, summarize
 
 
 def record(qid, task, new_tokens, wall_time, accept_lengths, base_tokens, base_wall, identical=True, drafts=(0.0,)):
@@ -55,3 +55,23 @@ def test_answer_file_drops_a_cut_line_and_never_duplicates(tmp_path):
     assert reread.done == {1, 2} and path.read_text() == text
     reread.append(record(3, "qa", [1], [1.0], [1], [1], [1.0]))
     assert [json.loads(line)["question_id"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_proposer_ms_mean_and_p95_pool_the_steps_and_exclude_device_work():
+    rec = record(1, "qa", [4], [1.0], [1, 1, 1, 1], [4], [1.0])
+    host = [0.001, 0.002, 0.003, 0.010]  # seconds of propose per step
+    rec["choices"][0].update(step_draft_time=host, step_update_time=[0.0005] * 4, step_device_time=[0.004] * 4)
+    out = aggregate([rec])
+    assert out["proposer_ms_mean"] == pytest.approx(1e3 * (sum(host) / 4 + 0.0005))
+    assert out["proposer_ms_p95"] == pytest.approx(8.95 + 0.5)  # linear: rank 0.95 * 3 = 2.85 -> 3 + .85 * 7 ms
+    assert out["device_ms_mean"] == pytest.approx(4.0)
+    old = aggregate(RECORDS[:1])  # records without per-step lists (fixture runs): mean from the turn sums
+    assert old["proposer_ms_mean"] == pytest.approx(1e3 * (1.0 + 0.25) / 13) and old["proposer_ms_p95"] is None
+    assert aggregate([rec] + RECORDS[:1])["proposer_ms_p95"] is None  # a mixed set falls back as a whole
+
+
+def test_console_table_shows_proposer_ms():
+    rec = record(1, "qa", [4], [1.0], [1, 1, 1, 1], [4], [1.0])
+    rec["choices"][0].update(step_draft_time=[0.002] * 4, step_update_time=[0.0] * 4, step_device_time=[0.0] * 4)
+    table = format_table(summarize([rec], ["qa"]))
+    assert "prop. ms" in table.splitlines()[0] and "2.000" in table.splitlines()[2]

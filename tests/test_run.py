@@ -143,3 +143,18 @@ def test_prompt_longer_than_context_keeps_finished_records(tiny_model_dir, tmp_p
                    check=False)
     assert_user_error(proc, "error: question 241: prompt of", "exceeds the model's context of 2048")
     assert (run_dir / "answers.jsonl").read_text() == before
+
+
+def test_warmup_runs_on_a_question_outside_the_timed_set():
+    """With warm-up state kept, warming up on a timed question would time an answer the method has seen."""
+    from omegaconf import OmegaConf
+
+    from specdec.runner import task_questions, warmup_question
+
+    mini = OmegaConf.create({"task": {"path": str(QUESTIONS), "per_category": 2}})
+    questions, _ = task_questions(mini)
+    spare = warmup_question(mini, questions)
+    assert spare["question_id"] not in set(questions["question_id"])
+    full = OmegaConf.create({"task": {"path": str(QUESTIONS), "per_category": None}})
+    questions, _ = task_questions(full)
+    assert warmup_question(full, questions)["question_id"] == questions[0]["question_id"]

@@ -1,0 +1,61 @@
+"""Shared base of the draft-model methods (sps, specinfer, spectr, rsd): a tree policy over
+``env.drafter`` (specdec/drafter.py). The policy never touches a KV cache; the drafter never
+decides a tree's shape.
+
+Under sampling, draft probabilities q are the softmax of the draft logits after the target's own
+temperature / top-k / top-p processors (``processed_probs``), and the tree stores exactly the q its
+children were drawn from (spectr_multidraft.md §10, "wrong q"). Under greedy (temperature 0) every
+method drafts deterministically from the raw draft logits and the tree kind is ``deterministic``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specdec.acceptance import processed_probs
+from specdec.drafter import require_drafter
+from specdec.proposer import Context, MethodEnv, Proposer
+from specdec.tree import DETERMINISTIC, DraftTree
+
+
+class DraftModelProposer(Proposer):
+    """Owns the sampling settings and a seeded generator for draft draws; subclasses build the tree."""
+
+    needs_drafter = True
+
+    def __init__(self, env: MethodEnv, name: str):
+        super().__init__(env)
+        self.drafter = require_drafter(env, name)
+        self.greedy = env.temperature is None or env.temperature <= 0
+        self.generator = torch.Generator().manual_seed(env.seed)
+
+    def reset(self, scope: str) -> None:
+        if scope == "run":  # draft draws are reproducible per run (MAT is deterministic per seed)
+            self.generator.manual_seed(self.env.seed)
+
+    def begin(self, ctx: Context) -> None:
+        self.drafter.begin(ctx.tokens)
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Draft logits [n, V] -> q [n, V] (float32, CPU) under the run's sampling processors."""
+        return processed_probs(logits.cpu(), self.env.temperature, self.env.top_k, self.env.top_p)
+
+    def depth(self, ctx: Context, length: int) -> int:
+        """Draft depth clipped to the budget: the step also commits a bonus token."""
+        return max(0, min(length, ctx.remaining - 1))
+
+    def tree(self, tokens: list[int], parents: list[int], kind: str, q_rows: dict[int, torch.Tensor],
+             multiplicity: list[int] | None = None) -> DraftTree:
+        """A DraftTree with q at the nodes that have children (zero rows elsewhere); ``kind`` only under sampling."""
+        device = self.env.device
+        draft_probs = None
+        if not self.greedy:
+            draft_probs = torch.zeros(len(tokens), self.env.vocab_size)
+            for node, q in q_rows.items():
+                draft_probs[node] = q
+        return DraftTree(torch.tensor(tokens, device=device), torch.tensor(parents, device=device),
+                         kind=DETERMINISTIC if self.greedy else kind, draft_probs=draft_probs,
+                         multiplicity=None if multiplicity is None or self.greedy else torch.tensor(multiplicity))
+
+    def stats(self) -> dict:
+        return self.drafter.stats()

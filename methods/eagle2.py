@@ -1,0 +1,44 @@
+"""EAGLE-2's dynamic draft tree (Li et al., arXiv 2406.16858; specs/dynamic_trees.md §1) over any drafter.
+
+    python run.py method=eagle2 drafter=eagle                 # EAGLE-2 itself (an EAGLE head trained here)
+    python run.py method=eagle2 drafter=early_exit            # "EAGLE-2 tree policy (drafter: early_exit)"
+
+Expansion: the root's top-k children are the first frontier; ``depth`` times, one drafter forward over
+the k frontier nodes gives each its top-k children (value = parent's + log q), all k*k are recorded,
+and the k of highest value become the next frontier. Rerank: the tree is the top-``budget`` of all
+k + depth*k^2 recorded candidates (ancestor-closed, BFS order). ``rerank: false`` is the paper's
+ablation: only nodes that were in a frontier (k per depth) compete for the budget. Draft cost 1 + depth
+forwards; deepest node depth + 1. Children are top-ranked, so the tree is ``deterministic``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from methods._dyntree import DynamicTreeProposer
+from specdec.proposer import MethodEnv, register
+from specdec.tree_builder import Pool, stable_top
+
+
+@register("eagle2")
+class Eagle2(DynamicTreeProposer):
+    paper = "EAGLE-2"
+
+    def __init__(self, env: MethodEnv, budget=60, depth: int = 5, top_k: int = 10, rerank: bool = True,
+                 latency_profile: str | None = None, auto_max_budget: int = 64):
+        if depth < 0 or top_k < 1:
+            raise ValueError(f"depth must be >= 0 and top_k >= 1, got depth={depth}, top_k={top_k}")
+        self.expansions, self.top_k, self.rerank = depth, top_k, rerank
+        self.max_tree_depth = depth + 1
+        super().__init__(env, self.key, budget, latency_profile, auto_max_budget)
+
+    def grow(self, pool: Pool, root_logprobs: torch.Tensor, max_depth: int) -> None:
+        frontier = pool.add_top([0], root_logprobs, self.top_k)
+        beam = set(frontier)
+        for _ in range(min(self.expansions, max_depth - 1)):
+            kids = pool.add_top(frontier, pool.expand(frontier), self.top_k)
+            values = torch.tensor([pool.logvalue[c] for c in kids], dtype=torch.float64)
+            frontier = [kids[i] for i in sorted(stable_top(values, self.top_k).tolist())]
+            beam.update(frontier)
+        if not self.rerank:
+            pool.eligible = beam

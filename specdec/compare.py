@@ -1,0 +1,183 @@
+"""Every method side by side on one model — what ``make run`` shows a new user.
+
+    python -m specdec.compare                                              # conf/compare.yaml
+    python -m specdec.compare 'methods=[pld,lookahead_cpu]' task.per_category=1
+    python -m specdec.compare hydra.run.dir=runs/compare/<existing dir>    # resume
+
+The model is loaded once. Per question, AR and every method of ``methods`` answer it in an order that
+rotates by one each question (so each method runs before AR on some questions and after it on others),
+and AR's answer is every method's paired baseline: speedups are ratios of runs made side by side on the
+same question. Each method gets a standard run dir (``answers.jsonl``, ``summary.json``, ``sessions.jsonl``,
+``.hydra/config.yaml``: what ``analysis/`` and ``make figures`` load); the ``ar`` dir holds AR's own
+answers without a baseline. A question already in every run dir is skipped on a rerun (resume).
+At the end: one per-task table (``compare.md`` / ``compare.csv``, printed) and ``speedup_by_task.png``.
+
+Sizing of ``make run`` (12 questions, 64 new tokens, ~8 min on 2 idle cores): ``max_new_tokens`` in
+conf/compare.yaml. ADED builds its ShareGPT tri-gram table once (~71 s, then cached under
+``~/.cache/specdec``), which the first run pays.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf, open_dict
+from tqdm import tqdm
+
+from .errors import UserError, run_in_output_dir
+from .proposer import Proposer
+from .results import AnswerFile, answer_record, write_json
+from .runner import (PROJECT_ROOT, Answer, Runner, environment, model_id, record_session, run_summary,
+                     task_questions, warmup_question)
+
+log = logging.getLogger(__name__)
+BASELINE = "ar"
+
+
+@dataclass
+class Arm:
+    """One compared method: its run config, proposer and run dir."""
+    name: str
+    cfg: DictConfig       # the run config with ``method`` = this method's conf/method YAML
+    proposer: Proposer
+    answers: AnswerFile   # <out_dir>/<name>/answers.jsonl
+
+    @property
+    def run_dir(self) -> Path:
+        return self.answers.path.parent
+
+
+def method_config(name: str) -> DictConfig:
+    """``conf/method/<name>.yaml`` composed by Hydra exactly as ``run.py method=<name>`` would."""
+    from hydra import compose
+    from hydra.errors import MissingConfigException
+
+    try:
+        return compose(config_name="config", overrides=[f"method={name}"]).method
+    except MissingConfigException:
+        known = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "method").glob("*.yaml"))
+        raise UserError(f"unknown method {name!r} in methods; available: {', '.join(known)}") from None
+
+
+def compared_methods(cfg: DictConfig) -> dict[str, DictConfig]:
+    """The compared methods' configs by name, after the checks that only apply to a comparison (before
+    the model loads, so a typo fails at once)."""
+    names = list(cfg.get("methods") or [])
+    if not names or len(set(names)) != len(names) or BASELINE in names:
+        raise UserError(f"methods must be a non-empty list of distinct method keys without {BASELINE!r} "
+                        f"(AR always runs as the baseline), got {names}")
+    if cfg.baseline != "paired":
+        raise UserError(f"a comparison pairs every method with AR: baseline must be 'paired', got {cfg.baseline!r}")
+    if cfg.logger.get("name", "none") != "none":
+        raise UserError("a comparison writes no W&B runs (logger must be none); run.py logs one method to W&B")
+    if cfg.method.proposer != BASELINE:
+        raise UserError(f"a comparison's method must be {BASELINE!r} (the baseline), got {cfg.method.name!r}")
+    return {name: method_config(name) for name in names}
+
+
+def make_arm(runner: Runner, cfg: DictConfig, out_dir: Path, name: str, method_cfg: DictConfig) -> Arm:
+    arm_cfg = copy.deepcopy(cfg)
+    with open_dict(arm_cfg):
+        del arm_cfg["methods"]
+        if name == BASELINE:
+            arm_cfg.baseline = "none"  # AR's own answers; they are the others' paired baselines
+        else:
+            arm_cfg.method = method_cfg
+    run_dir = out_dir / name
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(arm_cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
+    proposer = runner.proposer if name == BASELINE else runner.build(arm_cfg.method)
+    return Arm(name, arm_cfg, proposer, AnswerFile(run_dir / "answers.jsonl"))
+
+
+def warm_up(runner: Runner, arms: list[Arm], question: dict) -> None:
+    """Untimed generations of the warm-up question by every arm (as ``Runner.warm_up`` does for one)."""
+    rounds = [(i, arm) for i in range(int(runner.cfg.warmup)) for arm in arms]
+    for i, arm in tqdm(rounds, desc=f"warm-up on question {question['question_id']} (untimed)", unit="generation"):
+        runner.answer(question, arm.proposer, seed=-1 - i)
+    if not runner.cfg.warmup_keeps_state:
+        for arm in arms:
+            arm.proposer.reset("run")
+
+
+def answer_question(runner: Runner, arms: list[Arm], question: dict, index: int) -> None:
+    """AR and every arm still missing ``question``, in the order rotated by ``index``; append the records."""
+    seed = int(runner.cfg.seed) + index
+    shift = index % len(arms)
+    order = arms[shift:] + arms[:shift]
+    results: dict[str, Answer] = {}
+    for arm in order:
+        if arm.name == BASELINE or question["question_id"] not in arm.answers.done:
+            results[arm.name] = runner.answer(question, arm.proposer, seed)
+    ar = results[BASELINE]
+    ar_pos = [a.name for a in order].index(BASELINE)
+    for pos, arm in enumerate(order):
+        if arm.name not in results or question["question_id"] in arm.answers.done:
+            continue
+        mid = model_id(arm.cfg, runner.dtype)
+        if arm.name == BASELINE:
+            arm.answers.append(answer_record(question, mid, ar.texts, ar.gens))
+            continue
+        got = results[arm.name]
+        lossless = None if runner.cfg.temperature else runner.divergence(got, ar)
+        arm.answers.append(answer_record(question, mid, got.texts, got.gens, ar.gens, lossless,
+                                         "method_first" if pos < ar_pos else "baseline_first"))
+
+
+def compare(cfg: DictConfig, out_dir: Path) -> list[Path]:
+    """Run AR and ``cfg.methods`` side by side into ``out_dir/<method>/``; write and print the table and
+    the chart; return their paths."""
+    methods = {BASELINE: cfg.method, **compared_methods(cfg)}
+    questions, task_order = task_questions(cfg)
+    runner = Runner(cfg)  # cfg.method is ar (conf/compare.yaml): runner.proposer answers as AR
+    arms = [make_arm(runner, cfg, out_dir, name, method_cfg) for name, method_cfg in methods.items()]
+    todo = [q for q in questions if any(q["question_id"] not in arm.answers.done for arm in arms)]
+    for q in todo:
+        runner.check_fits(q, runner.prompts.ids(q["turns"][:1], []))
+    env = environment(runner)
+    sessions = {arm.name: record_session(arm.run_dir / "sessions.jsonl", env, len(arm.answers.records))
+                for arm in arms}
+    for arm in arms:
+        arm.proposer.reset("run")
+    if todo and cfg.warmup:
+        warm_up(runner, arms, warmup_question(cfg, questions))
+    position = {qid: i for i, qid in enumerate(questions["question_id"])}  # stable across resumes
+    for q in tqdm(todo, desc=f"{'+'.join(a.name for a in arms)} on {cfg.task.name}", unit="question"):
+        answer_question(runner, arms, q, position[q["question_id"]])
+    for arm in arms:
+        write_json(arm.run_dir / "summary.json",
+                   run_summary(arm.cfg, arm.answers.records, task_order, sessions[arm.name], arm.proposer))
+    return report(out_dir, [arm.name for arm in arms],
+                  f"{cfg.model.name} on {cfg.task.name}, {cfg.max_new_tokens} new tokens, {env['device']} "
+                  f"{env['dtype']}, {env['threads']} threads")
+
+
+def report(out_dir: Path, names: list[str], caption: str) -> list[Path]:
+    """The per-task table (markdown + csv) and the speedup bar chart of the run dirs under ``out_dir``."""
+    from analysis import figures, load_summaries
+    from analysis.tables import compare_markdown, compare_table
+
+    table = compare_table(load_summaries([out_dir / name for name in names]), names)
+    markdown = compare_markdown(table)
+    paths = [out_dir / "compare.md", out_dir / "compare.csv"]
+    paths[0].write_text(f"{caption}\n\n{markdown}\n", encoding="utf-8")
+    table.to_csv(paths[1], index=False)
+    bars = table.rename(columns={"method": "label"}).assign(speedup_std=float("nan"))
+    paths += figures.speedup_bars(bars, out_dir, title=f"Speedup vs AR per task ({caption})")
+    print(f"\n{caption}\n{markdown}\n\ntable: {paths[0]}\n       {paths[1]}\nchart: {paths[2]}")
+    return paths
+
+
+@hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="compare")
+def main(cfg: DictConfig) -> None:
+    run_in_output_dir(lambda out_dir: compare(cfg, out_dir))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
