@@ -143,18 +143,27 @@ class Sampling:
         processing them back to back is biased; but i.i.d. draws are exchangeable, so a uniformly
         random order of the multiset is distributed exactly as the true draw order.
         """
-        draws = self._draw_order(kids, multiplicity)
         residual = target_probs
-        for child in draws:
-            x = tokens[child]
-            q_x = float(draft_probs[x])
-            if q_x > 0 and float(torch.rand((), generator=self.generator)) < min(1.0, float(residual[x]) / q_x):
-                return child, x
-            leftover = (residual - draft_probs).clamp_min(0)
-            if float(leftover.sum()) <= 0:  # residual == q: the rejection above had probability 0
+        for child in self._draw_order(kids, multiplicity):
+            accepted, next_residual = self._single_draft(residual, draft_probs, tokens[child])
+            if accepted:
+                return child, tokens[child]
+            if next_residual is None:
                 break
-            residual = leftover / leftover.sum()
+            residual = next_residual
         return None, self.draw(residual)
+
+    def _single_draft(self, residual, draft_probs, x: int) -> tuple[bool, Optional[torch.Tensor]]:
+        """One single-draft step (Leviathan et al.): accept ``x`` w.p. min(1, residual[x] / q[x]); on
+        rejection also return the next residual norm(max(0, residual - q)), or None when it is empty
+        (residual == q: the rejection had probability 0)."""
+        q_x = float(draft_probs[x])
+        if q_x > 0 and float(torch.rand((), generator=self.generator)) < min(1.0, float(residual[x]) / q_x):
+            return True, None
+        leftover = (residual - draft_probs).clamp_min(0)
+        if float(leftover.sum()) <= 0:
+            return False, None
+        return False, leftover / leftover.sum()
 
     def _draw_order(self, kids, multiplicity) -> list[int]:
         """The i.i.d. draws at a node, a node of multiplicity m counted m times, in a uniformly random
@@ -192,12 +201,12 @@ class Sampling:
         for child in kids:
             x = tokens[child]
             q_x = float(remaining[x])
-            if q_x > 0 and float(torch.rand((), generator=self.generator)) < min(1.0, float(residual[x]) / q_x):
+            accepted, next_residual = self._single_draft(residual, remaining, x)
+            if accepted:
                 return child, x
-            leftover = (residual - remaining).clamp_min(0)
-            if float(leftover.sum()) <= 0:  # residual == q_i: the rejection had probability 0
+            if next_residual is None:
                 break
-            residual = leftover / leftover.sum()
+            residual = next_residual
             if q_x >= 1.0:  # x was the only token q could draw: no sibling can follow
                 break
             remaining[x] = 0.0
