@@ -67,6 +67,7 @@ class Target:
         # ``hidden`` [n, H], captured by a forward hook -- no other layer's states are materialised.
         self.keep_hidden = False
         self.hidden: torch.Tensor | None = None
+        self._runner = None  # layers.LayerRunner, built on the first partial-depth verification (score_from)
 
     @property
     def cache_len(self) -> int:
@@ -124,7 +125,7 @@ class Target:
         Same cache contract and return value as ``score``: every layer grows by T rows, logits ``[T, V]``."""
         from .layers import LayerRunner
 
-        if getattr(self, "_runner", None) is None:
+        if self._runner is None:
             self._runner = LayerRunner(self.model)  # probes once that the layers can be run in turn
         runner, P = self._runner, self.cache_len
         if len(shallow.kv) != shallow.start_layer or shallow.hidden.shape[1] != tree.size:
