@@ -5,6 +5,9 @@ BENCH_METHODS ?= recycle,recycle_cpu,lookahead,lookahead_cpu,pld,aded,aded_fast
 # torch threads for timed runs; run benchmarks alone on the machine (README: machine notes)
 BENCH_THREADS ?= 2
 BENCH    := $(PY) run.py -m logger=none threads=$(BENCH_THREADS)
+# bench-sampling, -kangaroo, -dynamic and -multidraft run a quick slice by default (the first question of each
+# task: 7 turns, 64 new tokens each) so that all four fit in ~2 h on 2 cores; QUICK= runs all of spec_bench_mini.
+QUICK ?= task.per_category=1 max_new_tokens=64
 
 .PHONY: help install run test bench bench-latency bench-ar bench-pld bench-methods bench-lookahead-warm bench-recycle-sizes figures clean train-kangaroo train-eagle
 help:  ## list the targets
@@ -45,20 +48,60 @@ bench-lookahead-warm: install  ## lookahead_cpu with tries warm-started from Sha
 bench-recycle-sizes: install  ## Token Recycling MAT/speedup vs tree size (nested 2.2.2 subsets) -> runs/bench/recycle_sizes/
 	$(BENCH) method=recycle method.tree_nodes=4,8,16,32,null hydra.sweep.dir=runs/bench/recycle_sizes
 
-train-kangaroo: install  ## train SmolLM2's Kangaroo adapter (layer 2; ~1 h on 1 shared core) -> specdec/assets/kangaroo-smollm2-135m-l2.*
-	OMP_NUM_THREADS=1 $(PY) -m specdec.train head=kangaroo model=smollm2-135m exit_layer=2
+train-kangaroo: install  ## train SmolLM2's Kangaroo adapter (layer 2; ~1 h on 1 core) -> specdec/assets/kangaroo-smollm2-135m-l2.*
+	OMP_NUM_THREADS=1 $(PY) -m specdec.train head=kangaroo model=smollm2-135m exit_layer=2 lr=5e-3 warmup=10
 
-train-eagle: install  ## train SmolLM2's EAGLE head on the same cached teacher states -> specdec/assets/eagle-smollm2-135m.*
-	OMP_NUM_THREADS=1 $(PY) -m specdec.train head=eagle model=smollm2-135m
+train-eagle: install  ## train SmolLM2's EAGLE head on the same cached teacher states (~35 min on 1 core) -> specdec/assets/eagle-smollm2-135m.*
+	OMP_NUM_THREADS=1 $(PY) -m specdec.train head=eagle model=smollm2-135m epochs=3 lr=5e-4 warmup=40 eval_every=50
 
 .PHONY: bench-backends
 bench-backends: install  ## target back ends side by side: onednn latency profile, t(N)/t(1) and AR vs generate -> runs/bench/backends.json
 	$(PY) -m analysis.latency profile --backend onednn --threads $(BENCH_THREADS) --out runs/latency/cpu-smollm2-fp32-onednn-t$(BENCH_THREADS).json
 	$(PY) -m specdec.backends --threads $(BENCH_THREADS) --variants eager/float32,onednn/float32,eager/bfloat16 --max-new-tokens 64 --rounds 2
 
+.PHONY: bench-peers
+bench-peers: install  ## llama.cpp plain + prompt lookup on the same GGUF beside our AR + pld (needs .[peers]) -> runs/bench/peers.json
+	$(PY) -m specdec.peers --threads $(BENCH_THREADS) --max-new-tokens 128 --rounds 2
+
 # the SpecTr paper's comparison: MAT vs drafts K and length L, one drafter for all, sampling (T = 1), no paired AR
-MD_DRAFTER ?= drafter=early_exit
-MD       := $(BENCH) $(MD_DRAFTER) temperature=1 baseline=none
+MD_DRAFTER ?= drafter=eagle
+MD       := $(BENCH) $(MD_DRAFTER) temperature=1 baseline=none $(QUICK)
+# sampling mode (issue 10): every method paired with sampled AR, T = 1 and T = 0.7 / top-p 0.95
+SAMPLING_METHODS ?= recycle,recycle_cpu,lookahead,lookahead_cpu,pld,aded,aded_fast,kangaroo,eagle2,opt_tree,dyspec
+SAMPLING_DRAFT_METHODS ?= sps,specinfer,spectr,rsd
+SAMPLING_DRAFTER ?= drafter=eagle
+SAMPLING := $(BENCH) $(QUICK)
+.PHONY: bench-sampling
+bench-sampling: install  ## every method at T=1 and T=0.7/top-p 0.95, paired with sampled AR -> runs/bench/sampling/
+	$(SAMPLING) method=$(SAMPLING_METHODS) temperature=1.0 hydra.sweep.dir=runs/bench/sampling/t1
+	$(SAMPLING) method=$(SAMPLING_DRAFT_METHODS) $(SAMPLING_DRAFTER) temperature=1.0 hydra.sweep.dir=runs/bench/sampling/t1_draft
+	$(SAMPLING) method=$(SAMPLING_METHODS) temperature=0.7 top_p=0.95 hydra.sweep.dir=runs/bench/sampling/t07
+	$(SAMPLING) method=$(SAMPLING_DRAFT_METHODS) $(SAMPLING_DRAFTER) temperature=0.7 top_p=0.95 hydra.sweep.dir=runs/bench/sampling/t07_draft
+
+# Kangaroo (issue 11), greedy, paired with AR: the default, eta and gamma sweeps, full-model verification, the
+# exit layer without an adapter (untrained floor), and SpS with and without the adapter
+KG := $(BENCH) $(QUICK)
+.PHONY: bench-kangaroo
+bench-kangaroo: install  ## Kangaroo sweeps over eta, gamma, verification mode; SpS with/without the adapter -> runs/bench/kangaroo/
+	$(KG) method=kangaroo method.threshold=0.2,0.4,0.6,0.8 hydra.sweep.dir=runs/bench/kangaroo/eta
+	$(KG) method=kangaroo method.max_steps=2,4,6,8 hydra.sweep.dir=runs/bench/kangaroo/gamma
+	$(KG) method=kangaroo method.reuse_shallow=true,false hydra.sweep.dir=runs/bench/kangaroo/reuse
+	$(KG) method=kangaroo drafter=early_exit drafter.exit_layer=1,2,4 hydra.sweep.dir=runs/bench/kangaroo/untrained_exit
+	$(KG) method=sps drafter=early_exit,kangaroo hydra.sweep.dir=runs/bench/kangaroo/sps_adapter
+
+# dynamic trees (issue 12), greedy, paired with AR: policy x drafter, EAGLE-2 vs budget N, rerank off, auto budget,
+# and static top-k trees of the same sizes with the same drafter (RSD-C shapes: greedy = fixed-shape top-k tree)
+DT := $(BENCH) $(QUICK)
+DT_PROFILE ?= runs/latency/cpu-smollm2-fp32-onednn-t1.json
+.PHONY: bench-dynamic
+bench-dynamic: install  ## eagle2/opt_tree/dyspec x drafters, N sweep, rerank, auto budget, static trees -> runs/bench/dynamic/
+	$(DT) method=eagle2,opt_tree,dyspec drafter=eagle,kangaroo hydra.sweep.dir=runs/bench/dynamic/policies
+	$(DT) method=eagle2 method.budget=8,16,32,60 hydra.sweep.dir=runs/bench/dynamic/eagle2_budget
+	$(DT) method=eagle2 method.rerank=false hydra.sweep.dir=runs/bench/dynamic/eagle2_norerank
+	$(DT) method=rsd drafter=eagle 'method.branching=[4,1,1,1],[4,2,2,1,1]' hydra.sweep.dir=runs/bench/dynamic/static
+	test -f $(DT_PROFILE) || $(PY) -m analysis.latency profile --threads 1 --backend onednn --out $(DT_PROFILE)
+	$(DT) method=eagle2 method.budget=auto method.latency_profile=$(DT_PROFILE) hydra.sweep.dir=runs/bench/dynamic/eagle2_auto
+
 .PHONY: bench-multidraft
 bench-multidraft: install  ## MAT vs K in {1,2,4,8} and L in {2,4}: sps, specinfer, spectr, rsd (MD_DRAFTER) -> runs/bench/multidraft/
 	$(MD) method=sps method.gamma=2,4 hydra.sweep.dir=runs/bench/multidraft/sps

@@ -8,7 +8,16 @@ What it writes (kinds of runs that are absent are skipped with a printed note):
   temperature); paired baselines, else the speedup against a separate AR run of the same model,
   device and dtype; ``summary.csv`` holds every number; figures ``speedup_by_task``,
   ``speedup_vs_mat``, ``accept_lengths`` (PNG + PDF);
-* ``sweeps/<multirun>/``: table and ``sweep_<knob>`` (MAT and speedup vs every numeric knob that varies);
+* ``<setting>/mat_by_task.{md,tex,csv}``: MAT per Spec-Bench task (settings also split by top_p / top_k when
+  they are not 1.0 / 0, e.g. ``..._temp0.7_top_p0.95``);
+* ``sweeps/<multirun>/``: table, ``mat_by_task`` and ``sweep_<knob>`` (MAT and speedup vs every numeric knob
+  that varies; the MAT panel alone for runs without a speedup, e.g. ``baseline=none``);
+* ``multidraft/``: MAT vs drafts K and length L of sps/specinfer/spectr/rsd sampled without a baseline
+  (``make bench-multidraft``): ``multidraft``, ``ordering`` (.md/.csv), figure ``mat_vs_drafts``
+  (``analysis.bench_figures``);
+* ``dynamic_trees/``: ``calibration`` (figure + CSV: empirical acceptance vs node value) and
+  ``dynamic_trees.{md,csv}`` (tokens per verify, proposer ms per step, auto budget) of eagle2/opt_tree/dyspec;
+* ``training/``: ``training_curves`` and ``training.{md,csv}`` from ``runs/train/<head>/summary.json``;
 * ``cost_model/<profile>/``: cost-model predictions vs the measured speedups for every latency profile
   in ``runs/latency/*.json``, and ``latency_profiles`` (t(N)/t(1) of every profile).
 """
@@ -23,13 +32,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import figures
+from . import bench_figures, figures
 from .latency import Profile, check_predictions, prediction_error
 from .load import find_run_dirs, knob_columns, load_runs, load_summaries
 from .tables import (add_labels, check_against_summaries, export_table, spec_bench_table, speedup_stats,
                      split_ablations, summarize)
 
-GROUP = ["task_set", "model", "device", "dtype", "threads", "temperature"]
+GROUP = ["task_set", "model", "device", "dtype", "threads", "temperature", "top_p", "top_k"]
 
 
 def note(msg: str) -> None:
@@ -57,13 +66,18 @@ def main_tables(df: pd.DataFrame, stats: pd.DataFrame, out: Path) -> list[Path]:
         note("no single (non-multirun) runs with a speedup: Spec-Bench table skipped")
         return written
     for vals, group in main.groupby(GROUP, dropna=False, sort=True):
-        task_set, model, device, dtype, threads, temperature = vals
-        name = slug(task_set, model, device, dtype, f"{threads}thr", f"temp{temperature}")
+        task_set, model, device, dtype, threads, temperature, top_p, top_k = vals
+        # top_p / top_k named only when they act, so greedy settings keep their old directory names
+        name = slug(task_set, model, device, dtype, f"{threads}thr", f"temp{temperature}",
+                    *([f"top_p{top_p}"] if top_p not in (None, 1, 1.0) and pd.notna(top_p) else []),
+                    *([f"top_k{top_k}"] if top_k not in (None, 0) and pd.notna(top_k) else []))
         d = out / name
         summary = summarize(group)
         table = spec_bench_table(summary)
         caption = f"Speedup over autoregressive decoding, {', '.join(f'{k}={v}' for k, v in zip(GROUP, vals))}"
         written += export_table(table, d / "spec_bench", caption)
+        mat = bench_figures.mat_table(summary)
+        written += export_table(mat, d / "mat_by_task", f"MAT per task, {name}")
         summary.to_csv(d / "summary.csv", index=False)
         written.append(d / "summary.csv")
         written += figures.speedup_bars(summary, d, title=f"{vals[1]} on {vals[2]} ({dtype}, threads={threads})")
@@ -73,7 +87,7 @@ def main_tables(df: pd.DataFrame, stats: pd.DataFrame, out: Path) -> list[Path]:
             note(f"{name}: only AR runs, accept-length histogram skipped")
         else:
             written += figures.accept_length_hist(add_labels(rows), d)
-        print(f"\n{name}\n{table.to_markdown()}")
+        print(f"\n{name}\n{table.to_markdown()}\n\n{name}: MAT per task\n{mat.to_markdown()}")
     return written
 
 
@@ -87,7 +101,9 @@ def sweep_figures(stats: pd.DataFrame, out: Path) -> list[Path]:
         d = out / "sweeps" / Path(sweep).name
         summary = summarize(group)
         written += export_table(spec_bench_table(summary), d / "spec_bench")
+        written += bench_figures.sweep_mat_tables(group, d)
         varying = [k for k in knob_columns(group) if group[k].astype(str).nunique() > 1
+                   and group[k].map(lambda v: not isinstance(v, bool)).all()  # true/false is not an axis
                    and pd.to_numeric(group[k], errors="coerce").notna().all()]
         if not varying:
             note(f"{sweep}: no numeric method knob varies; sweep figure skipped")
@@ -152,9 +168,14 @@ def build(run_root: str | Path = "runs", out: str | Path | None = None) -> list[
         stats.to_csv(out / "run_stats.csv", index=False)
         written.append(out / "run_stats.csv")
         written += main_tables(df, stats, out)
-        written += sweep_figures(stats, out)
     elif dirs:
-        note("no run has a speedup (no paired baseline and no AR run): tables skipped")
+        note("no run has a speedup (no paired baseline and no AR run): Spec-Bench tables skipped")
+    mat_only = bench_figures.mat_only_stats(df, stats)  # baseline=none runs: MAT still shown in their sweeps
+    if dirs:
+        written += sweep_figures(pd.concat([s for s in (stats, mat_only) if not s.empty]) if not mat_only.empty
+                                 else stats, out)
+        written += bench_figures.multidraft_outputs(df, out) + bench_figures.dyntree_outputs(df, out)
+    written += bench_figures.training_outputs(run_root, out)
     written += cost_model(df, stats, run_root, out) if not df.empty else \
         (figures.latency_profiles([Profile.load(p) for p in sorted((run_root / "latency").glob("*.json"))],
                                   out / "cost_model") if list((run_root / "latency").glob("*.json")) else [])

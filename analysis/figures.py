@@ -66,21 +66,24 @@ def speedup_bars(summary: pd.DataFrame, out_dir: str | Path, name: str = "speedu
 
 def knob_sweep(summary: pd.DataFrame, knob: str, out_dir: str | Path, name: str | None = None,
                task: str = "overall", group: str = "method") -> list[Path]:
-    """MAT and speedup (two panels) vs a swept knob (e.g. ``method.tree_nodes``), one line per ``group``.
+    """MAT and speedup (two panels) vs a swept knob (e.g. ``method.tree_nodes``), one line per ``group``;
+    the MAT panel alone when no run has a speedup (``baseline=none`` and no AR run).
 
     ``summary``: ``summarize(...)`` rows (or per-run stats) holding the knob column."""
     data = summary[(summary["task"].astype(str) == task) & summary[knob].notna()].copy()
     data[knob] = pd.to_numeric(data[knob], errors="coerce")
     data = data[data[knob].notna()].sort_values(knob)
-    fig, (ax_mat, ax_speed) = plt.subplots(1, 2, figsize=(7.5, 3.0))
+    has_speedup = bool("speedup" in data and data["speedup"].notna().any())
+    fig, axes = plt.subplots(1, 2 if has_speedup else 1, figsize=(7.5 if has_speedup else 3.9, 3.0), squeeze=False)
+    ax_mat, ax_speed = axes[0, 0], axes[0, -1] if has_speedup else None
     for key, rows in data.groupby(group, sort=False):
         std = rows["mat_std"] if "mat_std" in rows else pd.Series(0.0, index=rows.index)
         ax_mat.errorbar(rows[knob], rows["mat"], yerr=_err(std), marker="o", capsize=2, label=str(key))
-        if rows["speedup"].notna().any():
+        if has_speedup and rows["speedup"].notna().any():
             sstd = rows["speedup_std"] if "speedup_std" in rows else pd.Series(0.0, index=rows.index)
             ax_speed.errorbar(rows[knob], rows["speedup"], yerr=_err(sstd), marker="o", capsize=2, label=str(key))
     short = knob.removeprefix("method.")
-    for ax, ylabel in ((ax_mat, "MAT (mean accepted tokens)"), (ax_speed, "speedup vs AR")):
+    for ax, ylabel in ((ax_mat, "MAT (mean accepted tokens)"), (ax_speed, "speedup vs AR"))[:1 + has_speedup]:
         ax.set_xlabel(short)
         ax.set_ylabel(ylabel)
         if data[knob].max() / max(data[knob].min(), 1e-9) >= 8:
@@ -88,9 +91,10 @@ def knob_sweep(summary: pd.DataFrame, knob: str, out_dir: str | Path, name: str 
         values = sorted(data[knob].unique())
         ax.set_xticks(values, [_fmt_value(v) for v in values])
         ax.minorticks_off()
-    ax_speed.axhline(1.0, color="black", lw=0.8, ls="--")
+    if has_speedup:
+        ax_speed.axhline(1.0, color="black", lw=0.8, ls="--")
     ax_mat.legend(fontsize=7, frameon=False)
-    fig.suptitle(f"{TASK_TITLES.get(task, task)}: MAT and speedup vs {short}")
+    fig.suptitle(f"{TASK_TITLES.get(task, task)}: MAT{' and speedup' if has_speedup else ''} vs {short}")
     return save(fig, out_dir, name or f"sweep_{short}")
 
 

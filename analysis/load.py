@@ -11,7 +11,8 @@ Columns (``df.attrs["knobs"]`` lists the ``method.*`` knob columns):
 
 * run identity: ``run`` (run dir path), ``sweep`` (multirun dir or None), ``job`` (multirun job number),
   ``overrides`` (Hydra command-line overrides, one string);
-* setting: ``model``, ``method``, ``proposer``, ``method.<knob>`` for every method knob,
+* setting: ``model``, ``method``, ``proposer``, ``method.<knob>`` for every method knob, ``drafter`` (name in
+  ``conf/drafter/``) and ``drafter.exit_layer`` (early-exit drafters; None otherwise),
   ``task_set`` (config ``task.name``), ``device``, ``dtype``, ``threads`` (from summary.json's env when
   present, which has ``auto`` resolved; else the config), ``temperature``, ``top_p``, ``top_k``, ``seed``,
   ``max_new_tokens``, ``baseline_mode`` (paired / none), ``warmup``, ``warmup_keeps_state``, ``torch``,
@@ -49,7 +50,7 @@ BASELINE_FIELDS = ("new_tokens", "wall_time", "decoding_steps", "prefill_time", 
                    "output_ids")
 # What makes two runs "the same setting" (repeats of one configuration); method knobs are added.
 SETTING_COLUMNS = ("model", "method", "task_set", "device", "dtype", "threads", "temperature", "top_p", "top_k",
-                   "max_new_tokens", "warmup", "warmup_keeps_state")
+                   "max_new_tokens", "warmup", "warmup_keeps_state", "drafter", "drafter.exit_layer")
 # Every per-run column (constant within a run).
 RUN_COLUMNS = ("run", "sweep", "job", "overrides", "proposer", "seed", "baseline_mode", "torch", "transformers",
                "git_commit", "complete") + SETTING_COLUMNS
@@ -152,6 +153,9 @@ def run_info(run_dir: Path) -> dict:
         "warmup_keeps_state": cfg.get("warmup_keeps_state", summary.get("warmup_keeps_state")),
         "torch": env.get("torch"), "transformers": env.get("transformers"), "git_commit": env.get("git_commit"),
         "complete": summary_path.is_file(),  # False: unfinished (or interrupted) run, no summary.json yet
+        # who drafted (conf/drafter/; None in configs older than drafters): sps with and without an adapter differ
+        "drafter": (cfg.get("drafter") or {}).get("name"),
+        "drafter.exit_layer": (cfg.get("drafter") or {}).get("exit_layer"),
     }
     if info["proposer"] is None:
         info["proposer"] = info["method"]

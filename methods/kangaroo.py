@@ -14,8 +14,8 @@ frozen LM head; specdec/drafter.py, specdec/heads.py); it never touches a KV cac
   ``--steps 6``, README ``--threshold 0.6``); that last draft is still verified.
 * ``reuse_shallow: true``: the tree carries the nodes' layer-ℓ states and their K/V of layers < ℓ, all
   computed while drafting (``specdec.target.ShallowStates``); the verifier runs layers [ℓ, L) only.
-  The last draft therefore also goes through the drafter (its shallow state is needed; the drafter's
-  API computes its head logits too, one adapter + LM-head row per step that the release skips).
+  The last draft therefore also goes through the shallow layers and the adapter (its state and the
+  adapter's cache row are needed), but not through the LM head (``want_logits=False``).
   ``false``: the verifier runs the full model (correct, pays the shallow layers twice).
 * Tree variant (``draft_mode: tree``; paper only, not released, so a reconstruction): at each depth the
   top-``tree_topk`` drafts of the current node become its children and the chain continues from the
@@ -76,7 +76,7 @@ class Kangaroo(DraftModelProposer):
             last = early or d + 1 == depth
             if last and not self.reuse_shallow:
                 break
-            out = self.drafter.expand(kids, [node] * len(kids))             # [k, V]; also the kids' shallow pass
+            out = self.drafter.expand(kids, [node] * len(kids), want_logits=not last)  # [k, V]; the kids' shallow pass
             states.append(self.drafter.exit_states)                         # [1, k, H]
             if last:
                 break

@@ -65,9 +65,10 @@ class Drafter(ABC):
         return logits[-1]
 
     @torch.inference_mode()
-    def expand(self, tokens: Sequence[int], parents: Sequence[int]) -> torch.Tensor:
+    def expand(self, tokens: Sequence[int], parents: Sequence[int], want_logits: bool = True) -> Optional[torch.Tensor]:
         """Append nodes (``tokens[i]`` a child of node ``parents[i]``) and forward them in one batch.
-        Returns raw logits float32 [n, V] after each new node."""
+        Returns raw logits float32 [n, V] after each new node, or None (``want_logits=False``: only the
+        caches and the drafter's states are wanted, e.g. Kangaroo's last draft)."""
         if not self.tree_tokens:
             raise RuntimeError("Drafter.expand before follow()")
         n_old, n = len(self.tree_tokens), len(tokens)
@@ -86,7 +87,8 @@ class Drafter(ABC):
         positions = (self.tree_start + depth)[None]                               # [1, n]
         mask = attention_mask(anc[n_old:], self.tree_start, self.dtype)           # [1, 1, n, P + n_old + n]
         self.forwards += 1
-        return self._logits(self._forward(ids, positions, mask))
+        out = self._forward(ids, positions, mask, last_only=not want_logits)
+        return self._logits(out) if want_logits else None
 
     def stats(self) -> dict:
         return {"drafter": self.kind, "draft_forwards": self.forwards}
@@ -154,7 +156,8 @@ class Drafter(ABC):
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: Optional[torch.Tensor],
                  last_only: bool = False) -> torch.Tensor:
         """ids [1, n] at positions [1, n] after the cached rows, additive mask [1, 1, n, C + n] or None.
-        Returns logits [n, V_draft] (``last_only``: the caller discards them)."""
+        Returns logits [n, V_draft]; ``last_only``: the caller discards the output, so a back end may skip
+        its LM head (it must still update every cache)."""
 
 
 class HFDrafter(Drafter):
@@ -198,18 +201,14 @@ class EarlyExitDrafter(Drafter):
     def _forward(self, ids, positions, mask, last_only=False):
         hidden = self.runner.run(self.runner.embed(ids), 0, self.exit_layer, positions, mask, self.caches[0])
         self.exit_states = hidden  # [1, n, H] these rows' layer-ℓ states (Kangaroo's verifier resumes from them)
-        if last_only and self.head is None:
-            return hidden[0, -1:]  # nothing downstream needs it: skip norm + LM head
-        if self.head is not None:
+        if self.head is not None:  # the head runs even when the output is discarded: its cache needs the rows
             if mask is None and ids.shape[1] > 1:  # the head needs an explicit mask after its cache prefix
                 mask = attention_mask(causal_ancestors(ids.shape[1], self.device), self.caches[1].get_seq_length(),
                                       self.dtype)
             hidden = self.head(hidden, positions, mask, self.caches[1])
-        else:
-            hidden = self.runner.norm(hidden)
         if last_only:
-            hidden = hidden[:, -1:]
-        return self.runner.lm_head(hidden)[0]
+            return hidden[0, -1:]  # the caller discards the output: skip the norm and the LM head
+        return self.runner.lm_head(hidden if self.head is not None else self.runner.norm(hidden))[0]
 
 
 def build_drafter(cfg: Optional[dict], model, tokenizer, vocab_size: int, cache_dir=None) -> Optional[Drafter]:

@@ -82,10 +82,10 @@ class EagleDrafter(Drafter):
         return logits[-1]
 
     @torch.inference_mode()
-    def expand(self, tokens: Sequence[int], parents: Sequence[int]) -> torch.Tensor:
-        """Draft nodes read their parent's predicted feature. Returns logits float32 [n, V]."""
+    def expand(self, tokens: Sequence[int], parents: Sequence[int], want_logits: bool = True):
+        """Draft nodes read their parent's predicted feature. Returns logits float32 [n, V] (or None)."""
         self._feed = self.node_features[torch.tensor(list(parents), device=self.device)][None]   # [1, n, H]
-        logits = super().expand(tokens, parents)
+        logits = super().expand(tokens, parents, want_logits)
         self.node_features = torch.cat([self.node_features, self._out])
         return logits
 
@@ -93,7 +93,7 @@ class EagleDrafter(Drafter):
     def _forward(self, ids, positions, mask, last_only=False):
         """Head over (``self._feed`` [1, n, H], ids [1, n]) -> logits [n, V]; keeps the predicted features."""
         self._out = self.head((self._feed, ids), positions, mask, self.caches[0])[0]     # [n, H]
-        return self.lm_head(self._out)
+        return self._out if last_only else self.lm_head(self._out)
 
 
 def build_eagle_drafter(cfg: dict, model, vocab_size: int) -> EagleDrafter:

@@ -117,18 +117,20 @@ def head_state(head: nn.Module) -> dict:
     return head.trainable_state() if hasattr(head, "trainable_state") else head.state_dict()
 
 
-def save_head(head: nn.Module, path: str | Path, target_name: str, extra: dict | None = None) -> Path:
-    """Write ``<path>.safetensors`` + ``<path>.json``; returns the .safetensors path."""
+def save_head(head: nn.Module, path: str | Path, target_name: str, extra: dict | None = None,
+              dtype: torch.dtype = torch.float16) -> Path:
+    """Write ``<path>.safetensors`` (``dtype``: fp16 keeps SmolLM2's 4.2M-parameter EAGLE head under the
+    10 MB a committed head may take) + ``<path>.json``; returns the .safetensors path."""
     from safetensors.torch import save_file
 
     path = Path(path).with_suffix("")
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in head_state(head).items()}
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in head_state(head).items()}
     save_file(state, str(path) + ".safetensors")
     meta = {"kind": head.kind, "target": target_name, "exit_layer": head.exit_layer,
             "hidden_size": head.config.hidden_size, "num_attention_heads": head.config.num_attention_heads,
             "num_key_value_heads": head.config.num_key_value_heads, "vocab_size": head.config.vocab_size,
-            **(extra or {})}
+            "dtype": str(dtype).removeprefix("torch."), **(extra or {})}
     Path(str(path) + ".json").write_text(json.dumps(meta, indent=2) + "\n")
     return Path(str(path) + ".safetensors")
 

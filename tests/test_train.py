@@ -62,10 +62,12 @@ def test_heads_round_trip_and_dims_check(tmp_path):
     hidden, pos = torch.randn(1, 5, 32), torch.arange(5)[None]
     for head in (KangarooAdapter(model, 2), EagleHead(model)):
         torch.nn.init.normal_(next(iter(head.parameters())))
-        path = save_head(head, tmp_path / head.kind, "tiny")
-        loaded = load_head(path, model)
         x = hidden if head.kind == "kangaroo" else (hidden, torch.randint(0, 64, (1, 5)))
-        torch.testing.assert_close(loaded(x, pos), head.eval()(x, pos))
+        exact = load_head(save_head(head, tmp_path / head.kind, "tiny", dtype=torch.float32), model)
+        torch.testing.assert_close(exact(x, pos), head.eval()(x, pos))
+        half = load_head(save_head(head, tmp_path / f"{head.kind}16", "tiny"), model)  # the fp16 default
+        assert (tmp_path / f"{head.kind}16.safetensors").stat().st_size < (tmp_path / f"{head.kind}.safetensors").stat().st_size
+        torch.testing.assert_close(half(x, pos), head(x, pos), rtol=2e-2, atol=2e-2)
     other = tiny_llama(vocab=96, layers=3)
     with pytest.raises(UserError, match="trained for tiny"):
         load_head(tmp_path / "kangaroo", other)
