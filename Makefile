@@ -52,7 +52,7 @@ train-kangaroo: install  ## train SmolLM2's Kangaroo adapter (layer 2; ~1 h on 1
 	OMP_NUM_THREADS=1 $(PY) -m specdec.train head=kangaroo model=smollm2-135m exit_layer=2 lr=5e-3 warmup=10
 
 train-eagle: install  ## train SmolLM2's EAGLE head on the same cached teacher states (~35 min on 1 core) -> specdec/assets/eagle-smollm2-135m.*
-	OMP_NUM_THREADS=1 $(PY) -m specdec.train head=eagle model=smollm2-135m epochs=3 lr=5e-4 warmup=40 eval_every=50
+	OMP_NUM_THREADS=1 $(PY) -m specdec.train head=eagle model=smollm2-135m epochs=3 lr=1e-3 warmup=40 eval_every=50
 
 .PHONY: bench-backends
 bench-backends: install  ## target back ends side by side: onednn latency profile, t(N)/t(1) and AR vs generate -> runs/bench/backends.json
@@ -64,43 +64,47 @@ bench-peers: install  ## llama.cpp plain + prompt lookup on the same GGUF beside
 	$(PY) -m specdec.peers --threads $(BENCH_THREADS) --max-new-tokens 128 --rounds 2
 
 # the SpecTr paper's comparison: MAT vs drafts K and length L, one drafter for all, sampling (T = 1), no paired AR
-MD_DRAFTER ?= drafter=eagle
+MD_DRAFTER ?= drafter=kangaroo
 MD       := $(BENCH) $(MD_DRAFTER) temperature=1 baseline=none $(QUICK)
-# sampling mode (issue 10): every method paired with sampled AR, T = 1 and T = 0.7 / top-p 0.95
-SAMPLING_METHODS ?= recycle,recycle_cpu,lookahead,lookahead_cpu,pld,aded,aded_fast,kangaroo,eagle2,opt_tree,dyspec
-SAMPLING_DRAFT_METHODS ?= sps,specinfer,spectr,rsd
-SAMPLING_DRAFTER ?= drafter=eagle
+# sampling mode (issue 10): every method paired with sampled AR at T = 1; T = 0.7 / top-p 0.95 for a subset
+SAMPLING_DRAFTER ?= drafter=kangaroo
 SAMPLING := $(BENCH) $(QUICK)
 .PHONY: bench-sampling
-bench-sampling: install  ## every method at T=1 and T=0.7/top-p 0.95, paired with sampled AR -> runs/bench/sampling/
-	$(SAMPLING) method=$(SAMPLING_METHODS) temperature=1.0 hydra.sweep.dir=runs/bench/sampling/t1
-	$(SAMPLING) method=$(SAMPLING_DRAFT_METHODS) $(SAMPLING_DRAFTER) temperature=1.0 hydra.sweep.dir=runs/bench/sampling/t1_draft
-	$(SAMPLING) method=$(SAMPLING_METHODS) temperature=0.7 top_p=0.95 hydra.sweep.dir=runs/bench/sampling/t07
-	$(SAMPLING) method=$(SAMPLING_DRAFT_METHODS) $(SAMPLING_DRAFTER) temperature=0.7 top_p=0.95 hydra.sweep.dir=runs/bench/sampling/t07_draft
+bench-sampling: install  ## every method at T=1 (a subset at T=0.7/top-p 0.95), paired with sampled AR -> runs/bench/sampling/
+	$(SAMPLING) method=recycle_cpu,lookahead_cpu,pld,aded_fast,kangaroo temperature=1.0 hydra.sweep.dir=runs/bench/sampling/t1_a
+	$(SAMPLING) method=sps,specinfer,spectr,rsd $(SAMPLING_DRAFTER) temperature=1.0 hydra.sweep.dir=runs/bench/sampling/t1_draft
+	$(SAMPLING) method=pld,recycle_cpu,lookahead_cpu,aded_fast,kangaroo temperature=0.7 top_p=0.95 hydra.sweep.dir=runs/bench/sampling/t07_a
+	$(SAMPLING) method=sps,spectr $(SAMPLING_DRAFTER) temperature=0.7 top_p=0.95 hydra.sweep.dir=runs/bench/sampling/t07_draft
+	$(SAMPLING) method=eagle2,opt_tree,dyspec temperature=1.0 hydra.sweep.dir=runs/bench/sampling/t1_dyn
+	$(SAMPLING) method=recycle,lookahead,aded temperature=1.0 hydra.sweep.dir=runs/bench/sampling/t1_big
 
-# Kangaroo (issue 11), greedy, paired with AR: the default, eta and gamma sweeps, full-model verification, the
-# exit layer without an adapter (untrained floor), and SpS with and without the adapter
+# Kangaroo (issue 11), greedy, paired with AR: eta and gamma sweeps, full-model verification, the untrained exit
+# (no adapter), and SpS with and without the adapter
 KG := $(BENCH) $(QUICK)
 .PHONY: bench-kangaroo
 bench-kangaroo: install  ## Kangaroo sweeps over eta, gamma, verification mode; SpS with/without the adapter -> runs/bench/kangaroo/
 	$(KG) method=kangaroo method.threshold=0.2,0.4,0.6,0.8 hydra.sweep.dir=runs/bench/kangaroo/eta
-	$(KG) method=kangaroo method.max_steps=2,4,6,8 hydra.sweep.dir=runs/bench/kangaroo/gamma
-	$(KG) method=kangaroo method.reuse_shallow=true,false hydra.sweep.dir=runs/bench/kangaroo/reuse
-	$(KG) method=kangaroo drafter=early_exit drafter.exit_layer=1,2,4 hydra.sweep.dir=runs/bench/kangaroo/untrained_exit
+	$(KG) method=kangaroo method.max_steps=2,4,8 hydra.sweep.dir=runs/bench/kangaroo/gamma
+	$(KG) method=kangaroo method.reuse_shallow=false hydra.sweep.dir=runs/bench/kangaroo/reuse_false
 	$(KG) method=sps drafter=early_exit,kangaroo hydra.sweep.dir=runs/bench/kangaroo/sps_adapter
+	$(KG) method=kangaroo drafter=early_exit drafter.exit_layer=2 hydra.sweep.dir=runs/bench/kangaroo/untrained_exit
 
-# dynamic trees (issue 12), greedy, paired with AR: policy x drafter, EAGLE-2 vs budget N, rerank off, auto budget,
-# and static top-k trees of the same sizes with the same drafter (RSD-C shapes: greedy = fixed-shape top-k tree)
+# dynamic trees (issue 12), greedy, paired with AR: each policy with the Kangaroo adapter and with the EAGLE head,
+# static top-k trees of the same sizes with the same drafter (RSD-C shapes [4,2,2,1,1] = 60 nodes, [4,1,1,1] = 16:
+# greedy RSD-C is a fixed-shape top-k tree), EAGLE-2 vs budget N, rerank off, auto budget
 DT := $(BENCH) $(QUICK)
-DT_PROFILE ?= runs/latency/cpu-smollm2-fp32-onednn-t1.json
+DT_PROFILE ?= runs/latency/cpu-smollm2-fp32-onednn-t$(BENCH_THREADS).json
 .PHONY: bench-dynamic
-bench-dynamic: install  ## eagle2/opt_tree/dyspec x drafters, N sweep, rerank, auto budget, static trees -> runs/bench/dynamic/
-	$(DT) method=eagle2,opt_tree,dyspec drafter=eagle,kangaroo hydra.sweep.dir=runs/bench/dynamic/policies
-	$(DT) method=eagle2 method.budget=8,16,32,60 hydra.sweep.dir=runs/bench/dynamic/eagle2_budget
-	$(DT) method=eagle2 method.rerank=false hydra.sweep.dir=runs/bench/dynamic/eagle2_norerank
-	$(DT) method=rsd drafter=eagle 'method.branching=[4,1,1,1],[4,2,2,1,1]' hydra.sweep.dir=runs/bench/dynamic/static
-	test -f $(DT_PROFILE) || $(PY) -m analysis.latency profile --threads 1 --backend onednn --out $(DT_PROFILE)
-	$(DT) method=eagle2 method.budget=auto method.latency_profile=$(DT_PROFILE) hydra.sweep.dir=runs/bench/dynamic/eagle2_auto
+bench-dynamic: install  ## eagle2/opt_tree/dyspec x drafters, static trees, N sweep, rerank, auto budget -> runs/bench/dynamic/
+	$(DT) method=eagle2 drafter=kangaroo method.budget=60,16 hydra.sweep.dir=runs/bench/dynamic/eagle2_kangaroo
+	$(DT) method=rsd drafter=kangaroo 'method.branching=[4,2,2,1,1],[4,1,1,1]' hydra.sweep.dir=runs/bench/dynamic/static_kangaroo
+	$(DT) method=opt_tree,dyspec drafter=kangaroo hydra.sweep.dir=runs/bench/dynamic/policies_kangaroo
+	$(DT) method=eagle2,opt_tree,dyspec drafter=eagle hydra.sweep.dir=runs/bench/dynamic/policies_eagle
+	$(DT) method=rsd drafter=eagle 'method.branching=[4,2,2,1,1]' hydra.sweep.dir=runs/bench/dynamic/static_eagle
+	$(DT) method=eagle2 drafter=eagle method.budget=16,32 hydra.sweep.dir=runs/bench/dynamic/eagle2_budget
+	$(DT) method=eagle2 drafter=eagle method.rerank=false hydra.sweep.dir=runs/bench/dynamic/eagle2_norerank
+	test -f $(DT_PROFILE) || $(PY) -m analysis.latency profile --threads $(BENCH_THREADS) --backend onednn --out $(DT_PROFILE)
+	$(DT) method=eagle2 drafter=eagle method.budget=auto method.latency_profile=$(DT_PROFILE) hydra.sweep.dir=runs/bench/dynamic/eagle2_auto
 
 .PHONY: bench-multidraft
 bench-multidraft: install  ## MAT vs K in {1,2,4,8} and L in {2,4}: sps, specinfer, spectr, rsd (MD_DRAFTER) -> runs/bench/multidraft/

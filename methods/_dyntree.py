@@ -34,7 +34,6 @@ class DynamicTreeProposer(DraftModelProposer, ABC):
     def __init__(self, env: MethodEnv, name: str, budget, latency_profile: str | None = None,
                  auto_max_budget: int = 64):
         super().__init__(env, name)
-        self.wants_hidden = getattr(self.drafter, "wants_hidden", False)  # EAGLE heads read the target's features
         self.auto = None
         if budget == "auto":
             if not latency_profile:
@@ -59,12 +58,6 @@ class DynamicTreeProposer(DraftModelProposer, ABC):
     @abstractmethod
     def grow(self, pool: Pool, root_logprobs: torch.Tensor, max_depth: int) -> None:
         """The policy: expand ``pool`` from the root's draft log-probs (one drafter forward per round)."""
-
-    def follow(self, ctx: Context) -> torch.Tensor:
-        return self.drafter.follow(ctx.tokens, ctx.hidden) if self.wants_hidden else self.drafter.follow(ctx.tokens)
-
-    def begin(self, ctx: Context) -> None:
-        self.drafter.begin(ctx.tokens, ctx.hidden) if self.wants_hidden else self.drafter.begin(ctx.tokens)
 
     def propose(self, ctx: Context) -> DraftTree:
         start = self.clock.mark()  # read in observe, after the verify synced (no extra device sync here)

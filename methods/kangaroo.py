@@ -63,7 +63,7 @@ class Kangaroo(DraftModelProposer):
         depth = self.depth(ctx, self.max_steps)
         if depth == 0:
             return DraftTree.root_only(ctx.root, self.env.device)
-        logits = self.drafter.follow(ctx.tokens)                            # [V] draft logits after the root
+        logits = self.follow(ctx)                            # [V] draft logits after the root
         states = [self.drafter.exit_states[:, -1:]]                         # [1, 1, H] per forwarded node
         tokens, parents, q_rows, node = [ctx.root], [-1], {}, 0
         for d in range(depth):

@@ -182,6 +182,23 @@ def test_greedy_equals_ar_on_smollm2(name, smollm2, task_prompts, ar_outputs):
         assert gen.output_ids == ar_outputs[task], (name, task)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_draft_method_drafts_with_the_eagle_head(name, smollm2, task_prompts, ar_outputs):
+    """The committed EAGLE head (it reads the target's features through Context.hidden) serves every draft
+    method, not only the dynamic trees: greedy output identical to AR."""
+    from omegaconf import OmegaConf
+    from test_configs import compose_config
+
+    model, tok, stops = smollm2
+    cfg = OmegaConf.to_container(compose_config("drafter=eagle").drafter, resolve=True)
+    drafter = build_drafter(cfg, model, tok, model.get_output_embeddings().weight.shape[0])
+    proposer = build_proposer(METHODS[name], dataclasses.replace(method_env(model, tok), drafter=drafter))
+    gen = run_generation(model, proposer, task_prompts["math_reasoning"], 24, stops)
+    assert gen.output_ids == ar_outputs["math_reasoning"][:24], name
+    assert gen.steps < 24  # the head's drafts were accepted at least once
+
+
 # ---------------------------------------------------------------------- configs
 def test_drafter_configs_compose_and_build(smollm2):
     from test_configs import compose_config
