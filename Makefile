@@ -9,7 +9,7 @@ BENCH    := $(PY) run.py -m logger=none threads=$(BENCH_THREADS)
 # task: 7 turns, 64 new tokens each) so that all four fit in ~2 h on 2 cores; QUICK= runs all of spec_bench_mini.
 QUICK ?= task.per_category=1 max_new_tokens=64
 
-.PHONY: help install run test bench bench-latency bench-ar bench-pld bench-methods bench-lookahead-warm bench-recycle-sizes figures clean train-kangaroo train-eagle
+.PHONY: help install run test bench bench-latency bench-ar bench-pld bench-methods bench-lookahead-warm bench-recycle-sizes figures clean train-kangaroo train-kangaroo-layers train-eagle
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
 
@@ -51,6 +51,9 @@ bench-recycle-sizes: install  ## Token Recycling MAT/speedup vs tree size (neste
 train-kangaroo: install  ## train SmolLM2's Kangaroo adapter (layer 2; ~1 h on 1 core) -> specdec/assets/kangaroo-smollm2-135m-l2.*
 	OMP_NUM_THREADS=1 $(PY) -m specdec.train head=kangaroo model=smollm2-135m exit_layer=2 lr=5e-3 warmup=10
 
+train-kangaroo-layers: install  ## adapters for exit layers 1 and 4 (the l sweep; 2 epochs, ~30 min each on 1 core) -> specdec/assets/kangaroo-smollm2-135m-l{1,4}.*
+	for l in 1 4; do OMP_NUM_THREADS=1 $(PY) -m specdec.train head=kangaroo model=smollm2-135m exit_layer=$$l lr=5e-3 warmup=10 epochs=2 || exit 1; done
+
 train-eagle: install  ## train SmolLM2's EAGLE head on the same cached teacher states (~35 min on 1 core) -> specdec/assets/eagle-smollm2-135m.*
 	OMP_NUM_THREADS=1 $(PY) -m specdec.train head=eagle model=smollm2-135m epochs=3 lr=1e-3 warmup=40 eval_every=50
 
@@ -79,7 +82,7 @@ bench-sampling: install  ## every method at T=1 (a subset at T=0.7/top-p 0.95), 
 	$(SAMPLING) method=recycle,lookahead,aded temperature=1.0 hydra.sweep.dir=runs/bench/sampling/t1_big
 
 # Kangaroo (issue 11), greedy, paired with AR: eta and gamma sweeps, full-model verification, the untrained exit
-# (no adapter), and SpS with and without the adapter
+# (no adapter), SpS with and without the adapter, exit layer 1 / 4 (adapters of train-kangaroo-layers), tree mode
 KG := $(BENCH) $(QUICK)
 .PHONY: bench-kangaroo
 bench-kangaroo: install  ## Kangaroo sweeps over eta, gamma, verification mode; SpS with/without the adapter -> runs/bench/kangaroo/
@@ -88,6 +91,8 @@ bench-kangaroo: install  ## Kangaroo sweeps over eta, gamma, verification mode; 
 	$(KG) method=kangaroo method.reuse_shallow=false hydra.sweep.dir=runs/bench/kangaroo/reuse_false
 	$(KG) method=sps drafter=early_exit,kangaroo hydra.sweep.dir=runs/bench/kangaroo/sps_adapter
 	$(KG) method=kangaroo drafter=early_exit drafter.exit_layer=2 hydra.sweep.dir=runs/bench/kangaroo/untrained_exit
+	$(KG) method=kangaroo drafter.exit_layer=1,2,4 hydra.sweep.dir=runs/bench/kangaroo/exit_layer
+	$(KG) method=kangaroo method.draft_mode=tree hydra.sweep.dir=runs/bench/kangaroo/tree
 
 # dynamic trees (issue 12), greedy, paired with AR: each policy with the Kangaroo adapter and with the EAGLE head,
 # static top-k trees of the same sizes with the same drafter (RSD-C shapes [4,2,2,1,1] = 60 nodes, [4,1,1,1] = 16:
@@ -107,10 +112,11 @@ bench-dynamic: install  ## eagle2/opt_tree/dyspec x drafters, static trees, N sw
 	$(DT) method=eagle2 drafter=eagle method.budget=auto method.latency_profile=$(DT_PROFILE) hydra.sweep.dir=runs/bench/dynamic/eagle2_auto
 
 .PHONY: bench-multidraft
-bench-multidraft: install  ## MAT vs K in {1,2,4,8} and L in {2,4}: sps, specinfer, spectr, rsd (MD_DRAFTER) -> runs/bench/multidraft/
+bench-multidraft: install  ## MAT vs K in {1,2,4,8} and L in {2,4}: sps, specinfer, spectr, khisti, rsd (MD_DRAFTER) -> runs/bench/multidraft/
 	$(MD) method=sps method.gamma=2,4 hydra.sweep.dir=runs/bench/multidraft/sps
 	$(MD) method=specinfer,spectr method.k=1,2,4,8 method.length=2 hydra.sweep.dir=runs/bench/multidraft/iid_L2
 	$(MD) method=specinfer,spectr method.k=1,2,4,8 method.length=4 hydra.sweep.dir=runs/bench/multidraft/iid_L4
+	$(MD) method=khisti method.k=1,2,4,8 method.length=4 hydra.sweep.dir=runs/bench/multidraft/khisti_L4
 	$(MD) method=rsd 'method.branching=[1,1],[2,1],[4,1],[8,1]' hydra.sweep.dir=runs/bench/multidraft/rsd_L2
 	$(MD) method=rsd 'method.branching=[1,1,1,1],[2,1,1,1],[4,1,1,1],[8,1,1,1]' hydra.sweep.dir=runs/bench/multidraft/rsd_L4
 

@@ -3,7 +3,7 @@
     python run.py                                   # default: method=ar model=smollm2-135m task=spec_bench_mini
     python run.py method=recycle model=vicuna-7b task=spec_bench
     python run.py -m method=ar max_new_tokens=32,64 # Hydra multirun
-    python run.py hydra.run.dir=runs/my_run         # rerun into an existing dir resumes it
+    python run.py hydra.run.dir=runs/my_run         # rerun into an existing dir resumes it (same settings only)
 
 Results land in the Hydra run dir under runs/: answers.jsonl (Spec-Bench answer records),
 summary.json (per-task tokens/s, MAT, speedup, lossless), .hydra/ (the resolved config).

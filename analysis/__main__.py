@@ -34,7 +34,7 @@ import pandas as pd
 
 from . import bench_figures, figures
 from .latency import Profile, check_predictions, prediction_error
-from .load import find_run_dirs, knob_columns, load_runs, load_summaries
+from .load import find_run_dirs, load_runs, load_summaries, sweep_axes
 from .tables import (add_labels, check_against_summaries, export_table, spec_bench_table, speedup_stats,
                      split_ablations, summarize)
 
@@ -102,7 +102,7 @@ def sweep_figures(stats: pd.DataFrame, out: Path) -> list[Path]:
         summary = summarize(group)
         written += export_table(spec_bench_table(summary), d / "spec_bench")
         written += bench_figures.sweep_mat_tables(group, d)
-        varying = [k for k in knob_columns(group) if group[k].astype(str).nunique() > 1
+        varying = [k for k in sweep_axes(group) if group[k].astype(str).nunique() > 1
                    and group[k].map(lambda v: not isinstance(v, bool)).all()  # true/false is not an axis
                    and pd.to_numeric(group[k], errors="coerce").notna().all()]
         if not varying:

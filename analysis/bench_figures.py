@@ -11,7 +11,7 @@
 * ``mat_only_stats``: MAT per run and task of runs with no speedup (``baseline=none`` and no AR run),
   so that knob sweeps of such runs still get a table and the MAT panel;
 * ``mat_table``: MAT per Spec-Bench task (the Spec-Bench table itself has speedups per task only);
-* multi-draft (issue 10): runs of sps / specinfer / spectr / rsd sampled (temperature > 0) without a
+* multi-draft (issue 10): runs of sps / specinfer / spectr / khisti / rsd sampled (temperature > 0) without a
   paired baseline, whatever their path; K drafts and length L read from each method's knobs;
 * dynamic trees (issue 12): ``method_stats`` of eagle2 / opt_tree / dyspec summaries (calibration of node
   values against acceptance, tokens per verify, proposer ms per step, auto budget choices);
@@ -32,7 +32,7 @@ from .figures import plt
 from .load import run_info
 from .tables import TASK_TITLES, TASKS, export_table, run_stats, summarize
 
-MULTIDRAFT = ("sps", "specinfer", "spectr", "rsd")
+MULTIDRAFT = ("sps", "specinfer", "spectr", "khisti", "rsd")
 DYNAMIC_TREES = ("eagle2", "opt_tree", "dyspec")
 MD_KEYS = ["model", "drafter", "temperature", "top_p"]  # one multi-draft comparison per combination
 
@@ -85,13 +85,13 @@ def is_multidraft(runs: pd.DataFrame) -> pd.Series:
 
 
 def drafts_and_length(run: pd.Series) -> tuple[str, int, int]:
-    """(method, K, L) of one run: sps K = 1, L = gamma; specinfer / spectr K = k, L = length; RSD-C
+    """(method, K, L) of one run: sps K = 1, L = gamma; specinfer / spectr / khisti K = k, L = length; RSD-C
     K = branching[0], L = len(branching); RSD-S (tree=beam) K = beam_width, L = depth."""
     get = lambda knob: run.get(f"method.{knob}")  # noqa: E731
     proposer = run["proposer"]
     if proposer == "sps":
         return "sps", 1, int(get("gamma"))
-    if proposer in ("specinfer", "spectr"):
+    if proposer in ("specinfer", "spectr", "khisti"):
         return proposer, int(get("k")), int(get("length"))
     if get("tree") == "beam":
         return "rsd-s", int(get("beam_width")), int(get("depth"))

@@ -271,6 +271,7 @@ def measure_profile(model_path: str = EMBEDDED, context: int = 256, ns: Iterable
     import transformers
     from tqdm import tqdm
 
+    from specdec.backends import one_row_kernels
     from specdec.decode import Stopwatch
     from specdec.models import load_model, resolve_device, resolve_dtype
     from specdec.target import Target
@@ -312,6 +313,7 @@ def measure_profile(model_path: str = EMBEDDED, context: int = 256, ns: Iterable
         "model": model_path, "context": context, "device": dev.type, "device_name": _device_name(dev),
         "dtype": str(model.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
         "attn_implementation": attn_implementation, "backend": target.backend, "repeats": repeats, "warmup": warmup,
+        "one_row_kernels": one_row_kernels(model),
         "warmup_s": round(warm_s, 1), "weight_bytes": n_bytes, "read_bandwidth_GBps": round(bandwidth / 1e9, 2),
         "roofline_ms": round(1000 * n_bytes / bandwidth, 3),
         "call": "specdec.target.Target.score(DraftTree.chain) with a 4D float tree mask; cache cropped back after each call",

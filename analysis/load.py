@@ -245,6 +245,11 @@ def knob_columns(df: pd.DataFrame) -> list[str]:
     return sorted(c for c in df.columns if c.startswith("method."))
 
 
+def sweep_axes(df: pd.DataFrame) -> list[str]:
+    """Columns a Hydra multirun of one method may vary: its knobs and the drafter's exit layer (Kangaroo's ℓ)."""
+    return knob_columns(df) + [c for c in ("drafter.exit_layer",) if c in df.columns]
+
+
 def load_summaries(paths: str | Path | Iterable[str | Path] = "runs") -> pd.DataFrame:
     """summary.json per run and task (the numbers run.py computed), one row per (run, task)."""
     rows = []

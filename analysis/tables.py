@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from .load import RUN_COLUMNS, SETTING_COLUMNS, knob_columns
+from .load import RUN_COLUMNS, SETTING_COLUMNS, knob_columns, sweep_axes
 
 TASKS = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
 TASK_ORDER = TASKS + ("overall",)
@@ -229,11 +229,11 @@ def speedup_stats(df: pd.DataFrame, match: Sequence[str] = ("model", "device", "
 
 def split_ablations(stats: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(main, ablations): a Hydra multirun whose jobs vary a knob of one method (``method.tree_nodes=8,16,32``)
-    is an ablation, shown as a sweep figure; every other run (single runs, and sweeps over methods such
+    or the drafter's exit layer (``drafter.exit_layer=1,2,4``) is an ablation, shown as a sweep figure; every other run (single runs, and sweeps over methods such
     as ``method=recycle,pld``) belongs in the main table."""
     if stats.empty or "sweep" not in stats:
         return stats, stats.iloc[:0]
-    knobs = knob_columns(stats)
+    knobs = sweep_axes(stats)
     ablation = set()
     for (_, _), g in stats[stats["sweep"].notna()].groupby(["sweep", "method"]):
         if any(g[k].astype(str).nunique() > 1 for k in knobs):

@@ -26,7 +26,7 @@ class DraftModelProposer(Proposer):
     def __init__(self, env: MethodEnv, name: str):
         super().__init__(env)
         self.drafter = require_drafter(env, name)
-        self.wants_hidden = getattr(self.drafter, "wants_hidden", False)  # EAGLE heads read the target's features
+        self.wants_hidden = self.drafter.wants_hidden  # EAGLE heads read the target's features (Context.hidden)
         self.greedy = env.temperature is None or env.temperature <= 0
         self.generator = torch.Generator().manual_seed(env.seed)
 
@@ -35,11 +35,11 @@ class DraftModelProposer(Proposer):
             self.generator.manual_seed(self.env.seed)
 
     def begin(self, ctx: Context) -> None:
-        self.drafter.begin(ctx.tokens, ctx.hidden) if self.wants_hidden else self.drafter.begin(ctx.tokens)
+        self.drafter.begin(ctx.tokens, ctx.hidden)
 
     def follow(self, ctx: Context) -> torch.Tensor:
         """The drafter brought to the committed sequence; its raw logits [V] after the root."""
-        return self.drafter.follow(ctx.tokens, ctx.hidden) if self.wants_hidden else self.drafter.follow(ctx.tokens)
+        return self.drafter.follow(ctx.tokens, ctx.hidden)
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """Draft logits [n, V] -> q [n, V] (float32, CPU) under the run's sampling processors."""

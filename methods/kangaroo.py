@@ -63,8 +63,8 @@ class Kangaroo(DraftModelProposer):
         depth = self.depth(ctx, self.max_steps)
         if depth == 0:
             return DraftTree.root_only(ctx.root, self.env.device)
-        logits = self.follow(ctx)                            # [V] draft logits after the root
-        states = [self.drafter.exit_states[:, -1:]]                         # [1, 1, H] per forwarded node
+        logits = self.follow(ctx)                    # [V] draft logits after the root
+        states = [self.drafter.exit_states[:, -1:]]  # [1, 1, H] per forwarded node
         tokens, parents, q_rows, node = [ctx.root], [-1], {}, 0
         for d in range(depth):
             confidence = float(torch.softmax(logits, -1).max())

@@ -68,7 +68,7 @@ class RSD(DraftModelProposer):
         tokens, parents, q_rows = [ctx.root], [-1], {}
         score = [0.0]                      # RSD-S: perturbed (sampling) or plain (greedy) sequence score
         phi = [0.0]                        # RSD-S: log q of the path
-        frontier, logits = [0], self.follow(ctx)[None]       # logits [len(frontier), V]
+        frontier, logits = [0], self.follow(ctx)[None]  # logits [len(frontier), V]
         for level in range(depth):
             candidates = []                # (key, node, token, phi) per possible child
             for node, row in zip(frontier, logits):

@@ -48,7 +48,7 @@ class SpecInfer(DraftModelProposer):
         if depth == 0:
             return DraftTree.root_only(ctx.root, self.env.device)
         tokens, parents, mult, q_rows = [ctx.root], [-1], [self.k], {}
-        frontier, logits = [0], self.follow(ctx)[None]    # logits [len(frontier), V]
+        frontier, logits = [0], self.follow(ctx)[None]  # logits [len(frontier), V]
         for level in range(depth):
             new = []
             for node, row in zip(frontier, logits):

@@ -32,7 +32,7 @@ class SpS(DraftModelProposer):
         depth = self.depth(ctx, self.gamma)
         if depth == 0:
             return DraftTree.root_only(ctx.root, self.env.device)
-        logits = self.follow(ctx)                     # [V] after the root
+        logits = self.follow(ctx)  # [V] after the root
         tokens, q_rows = [ctx.root], {}
         for i in range(depth):
             if self.greedy:

@@ -15,6 +15,9 @@ specs/spectr_multidraft.md):
   i.i.d. trie (``_kseq``).
 * sampling, ``without_replacement`` drafts: RSD's recursive rejection sampling (Jeon et al., arXiv
   2402.14160): the draft law is renormalised after each rejected sibling (``_recursive``).
+* sampling, ``multi_draft_is`` drafts: Khisti et al.'s two-step scheme (arXiv 2410.18234) over the same
+  i.i.d. trie: an importance-weighted choice among the drafted tokens, then single-draft SD against the
+  exact law r of that choice (``_multi_draft_is``).
 
 ``target_probs`` (p) is the softmax of the target logits after the same temperature / top-k / top-p
 processors that plain sampling uses; ``draft_probs`` (q) is what the proposer drew the children from.
@@ -22,13 +25,17 @@ processors that plain sampling uses; ``draft_probs`` (q) is what the proposer dr
 
 from __future__ import annotations
 
+import math
+from functools import lru_cache
+from itertools import combinations_with_replacement
 from typing import Optional
 
 import numpy as np
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from .tree import CHAIN_SAMPLED, DETERMINISTIC, IID, IID_KSEQ, WITHOUT_REPLACEMENT, DraftTree
+from .errors import UserError
+from .tree import CHAIN_SAMPLED, DETERMINISTIC, IID, IID_KSEQ, MULTI_DRAFT_IS, WITHOUT_REPLACEMENT, DraftTree
 
 
 class Greedy:
@@ -86,6 +93,62 @@ def kseq_rho(target_probs: torch.Tensor, draft_probs: torch.Tensor, k: int, iter
     return hi
 
 
+MAX_IS_MULTISETS = 200_000  # cap on the draw multisets enumerated for multi_draft_is's r [design]
+
+
+def is_multisets(m: int, k: int) -> int:
+    """Number of multisets of k draws over m tokens, C(m + k - 1, k): what the exact r of ``multi_draft_is``
+    enumerates. A UserError past ``MAX_IS_MULTISETS`` (e.g. m = 10: k <= 10; m = 40: k <= 4)."""
+    n = math.comb(m + k - 1, k)
+    if n > MAX_IS_MULTISETS:
+        raise UserError(f"multi_draft_is: the exact selection law needs C({m}+{k}-1, {k}) = {n} draw multisets "
+                        f"(cap {MAX_IS_MULTISETS}); lower method.top_m or method.k")
+    return n
+
+
+@lru_cache(maxsize=16)
+def _multiset_table(m: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every multiset of k draws over m tokens: counts [N, m] (float64) and log multinomial coefficients [N]."""
+    n = is_multisets(m, k)
+    draws = np.array(list(combinations_with_replacement(range(m), k)), dtype=np.int64).reshape(n, k)  # [N, k]
+    counts = np.zeros((n, m))
+    np.add.at(counts, (np.arange(n)[:, None], draws), 1.0)
+    log_factorial = np.array([math.lgamma(i + 1) for i in range(k + 1)])
+    log_coef = log_factorial[k] - log_factorial[counts.astype(np.int64)].sum(1)
+    counts.flags.writeable = log_coef.flags.writeable = False  # cached: shared by every call
+    return counts, log_coef
+
+
+def is_selection(weights: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """beta [..., m]: self-normalised importance resampling of the K draws, beta_y = n_y w(y) / sum_x n_x w(x),
+    with n [..., m] how often each token was drawn and w = p / q [m]: one draw picked w.p. ∝ its weight,
+    i.e. the SIR estimate of p from the K draws. If p vanishes on every draw, a uniform draw (n_y / K):
+    any beta is exact as long as r uses the same one. [U] The spec words it "among the distinct drafted
+    tokens"; counting repeats is the reading taken: identical at K = 2 (the spec's closed form), and it
+    keeps q = p fully accepted, where weighting each distinct token once accepts only 0.94 / 0.74 at
+    K = 3 / 8 (q = p = a random vocab-6 law)."""
+    w = counts * weights
+    total = w.sum(-1, keepdims=True)
+    uniform = counts / counts.sum(-1, keepdims=True)
+    return np.where(total > 0, w / np.where(total > 0, total, 1.0), uniform)
+
+
+def is_selection_law(target_probs: torch.Tensor, draft_probs: torch.Tensor, k: int) -> torch.Tensor:
+    """r [V] float64: the exact law of the token ``is_selection`` picks from k i.i.d. draws of q (p, q [V]).
+    beta depends only on the multiset of draws, so r = sum over the multisets of k draws over q's support
+    of multinomial(multiset; q) * beta(multiset): C(M + k - 1, k) terms, vectorised (M = |support of q|)."""
+    support = torch.nonzero(draft_probs > 0).flatten()                        # [M]
+    q = draft_probs[support].double().cpu().numpy()
+    q = q / q.sum()                                                           # [M]
+    weights = target_probs[support].double().cpu().numpy() / q                # [M] w = p / q
+    counts, log_coef = _multiset_table(len(q), k)                              # [N, M], [N]
+    multiset_probs = np.exp(log_coef + counts @ np.log(q))                    # [N]
+    beta = is_selection(weights, counts)                                      # [N, M]
+    r = torch.zeros(draft_probs.shape[-1], dtype=torch.float64)
+    r[support.cpu()] = torch.from_numpy(multiset_probs @ beta)
+    return r
+
+
 class Sampling:
     """Exact speculative sampling for every tree kind; one seeded generator per question."""
 
@@ -121,6 +184,9 @@ class Sampling:
                                           tree.multiplicity)
             elif tree.kind == WITHOUT_REPLACEMENT:
                 child, token = self._recursive(target_probs, tree.draft_probs[node].float().cpu(), kids, tokens)
+            elif tree.kind == MULTI_DRAFT_IS:
+                child, token = self._multi_draft_is(target_probs, tree.draft_probs[node].float().cpu(), kids, tokens,
+                                                    tree.multiplicity)
             else:  # pragma: no cover - DraftTree validates kinds
                 raise ValueError(tree.kind)
             if child is None:
@@ -192,6 +258,36 @@ class Sampling:
         residual = (target_probs - accepted_mass * (1.0 - (1.0 - beta) ** k) / beta).clamp_min(0)
         if float(residual.sum()) <= 1e-12:  # rejection had probability 0 (q == p): round-off only
             return None, self.draw(target_probs)
+        return None, self.draw(residual / residual.sum())
+
+    def _multi_draft_is(self, target_probs, draft_probs, kids, tokens, multiplicity) -> tuple[Optional[int], int]:
+        """Khisti, Ebrahimi, Dbouk, Behboodi, Memisevic, Louizos, "Multi-Draft Speculative Sampling:
+        Canonical Architectures and Theoretical Limits" (arXiv 2410.18234; spectr_multidraft.md §5).
+
+        The paper's canonical two steps over the K i.i.d. draws alive at the node (a child of multiplicity m
+        is m draws): (1) select one drafted token Y ~ beta(draws), here self-normalised importance resampling
+        with w = p / q (``is_selection``: the spec's implementable exact variant; the paper's own IS weight
+        formula is [U] and its LP-optimal beta is not implemented); (2) single-draft SD of Y against r, the
+        law of the selection: accept w.p. min(1, p(Y) / r(Y)), else emit y ~ norm((p - r)^+). Exact for ANY
+        beta because r is computed exactly (``is_selection_law``): P(emit y) = min(r, p)(y) + (p - r)^+(y)
+        = p(y). The enumeration needs q with a small support (top-M drafting). A residual token held by a
+        child is not descended into (``descend_on_residual_match`` = false, as for K-SEQ).
+        """
+        counts = multiplicity[kids].tolist() if multiplicity is not None else [1] * len(kids)  # draws per child
+        drafted = [tokens[c] for c in kids]                                      # distinct sibling tokens
+        target, draft = target_probs.double(), draft_probs.double()              # [V] float64
+        q_drafted = draft[drafted].numpy()                                       # [n]
+        if len(set(drafted)) < len(drafted) or q_drafted.min() <= 0:
+            raise ValueError("multi_draft_is needs distinct children drawn from the stored q (q > 0 at each)")
+        weights = target[drafted].numpy() / q_drafted                            # [n] w = p / q
+        pick = self.draw(torch.from_numpy(is_selection(weights, np.array(counts, dtype=np.float64))))
+        r = is_selection_law(target, draft, sum(counts))                          # [V]
+        y = drafted[pick]
+        if float(torch.rand((), generator=self.generator)) < min(1.0, float(target[y]) / max(float(r[y]), 1e-300)):
+            return kids[pick], y
+        residual = (target - r).clamp_min(0)
+        if float(residual.sum()) <= 1e-12:  # sum min(p, r) = 1: the rejection had probability 0 (round-off)
+            return None, self.draw(target)
         return None, self.draw(residual / residual.sum())
 
     def _recursive(self, target_probs, draft_probs, kids, tokens) -> tuple[Optional[int], int]:

@@ -13,8 +13,11 @@ baseline and every method share one ``Target`` and so one back end: paired ratio
   does, without a compile step - for forwards of several tokens (trees, prefill). MKL's small-M
   GEMMs are the expensive part of a tree forward (issue 13: 2x at M=2, 3x at M=4 on the MLP
   matrices; here on an AVX2 EPYC 6x at M=16 on the 576x1536 one), oneDNN's stay close to the M=1
-  cost. One-token forwards keep MKL's GEMV, which was as fast or faster at M=1 on both CPUs
-  measured; so the AR baseline's kernels, and its output, are exactly eager's. fp32; bf16 where
+  cost. One-token forwards (AR, prefill-free steps) take, per weight shape, whichever kernel was
+  faster when the model was loaded (``tune_one_row``, at the run's thread count): on the AVX2 EPYC
+  at 2 threads oneDNN won for the 1536x576 MLP matrices (1.6x) and the LM head (1.8x) and MKL's GEMV
+  for the rest; at 1 thread MKL won everywhere. The choice is logged and recorded (``one_row_kernels``
+  in ``summary.env`` and latency profiles). fp32; bf16 where
   oneDNN supports it on this CPU (``onednn_supports``: AVX512-BF16/AVX-NE-CONVERT or AVX512BW).
   Cost: the weights are held twice (original + packed), e.g. 1.08 GB instead of 0.54 GB for SmolLM2.
 * ``compile`` - ``torch.compile`` of the model's forward with dynamic shapes (growing cache, trees of
@@ -95,7 +98,8 @@ class PackedLinear(nn.Module):
     ``weight`` (and ``bias``) stay the original parameters, so tied embeddings, ``state_dict`` and
     code reading ``lm_head.weight`` see the model unchanged; ``packed`` is an opaque oneDNN copy.
     With autograd active (e.g. training an adapter through the frozen head) it falls back to
-    ``F.linear``: oneDNN's packed op has no backward. A single row also takes ``F.linear`` (MKL's GEMV).
+    ``F.linear``: oneDNN's packed op has no backward. A single row takes ``one_row_kernel``: ``mkl``
+    (``F.linear``, eager's GEMV bit for bit; the default) or ``onednn`` (set by ``tune_one_row``).
     """
 
     def __init__(self, linear: nn.Linear):
@@ -103,19 +107,22 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
+        self.one_row_kernel = "mkl"
         with torch.no_grad():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)  # [out, in], blocked
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
         one_row = x.numel() == self.in_features
-        if one_row or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+        if (one_row and self.one_row_kernel == "mkl") or (
+                torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             return F.linear(x, self.weight, self.bias)
         if x.dtype != self.weight.dtype:
             raise TypeError(f"PackedLinear: input {x.dtype} vs weight {self.weight.dtype}")
+        return self.onednn(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+
+    def onednn(self, x: torch.Tensor) -> torch.Tensor:  # x [M, in] -> [M, out] through the packed weight
         bias = None if self.bias is None else self.bias.detach()
-        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features).contiguous(), self.packed, bias,
-                                                 "none", [], "")
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, bias, "none", [], "")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -130,6 +137,38 @@ def pack_linears(model: nn.Module) -> int:
     return len(targets)
 
 
+@torch.inference_mode()
+def tune_one_row(model: nn.Module, repeats: int = 7) -> dict[str, str]:
+    """Per weight shape of the ``PackedLinear`` layers: time one row through every layer of that shape
+    (weights streamed from memory, as in a forward) with MKL's GEMV and with the packed oneDNN weight,
+    alternately, ``repeats`` times; the faster median serves one-row forwards. Returns {"outxin": kernel}."""
+    groups: dict[tuple[int, int], list[PackedLinear]] = {}
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            groups.setdefault((module.out_features, module.in_features), []).append(module)
+    choice = {}
+    for (n_out, n_in), layers in groups.items():
+        x = torch.randn(1, n_in, dtype=layers[0].weight.dtype, device=layers[0].weight.device)
+        kernels = {"mkl": lambda: [F.linear(x, m.weight, m.bias) for m in layers],
+                   "onednn": lambda: [m.onednn(x) for m in layers]}
+        times: dict[str, list[float]] = {k: [] for k in kernels}
+        for _ in range(repeats):
+            for kernel, run in kernels.items():
+                start = time.perf_counter()
+                run()
+                times[kernel].append(time.perf_counter() - start)
+        best = min(times, key=lambda k: sorted(times[k])[repeats // 2])
+        for m in layers:
+            m.one_row_kernel = best
+        choice[f"{n_out}x{n_in}"] = best
+    return choice
+
+
+def one_row_kernels(model: nn.Module) -> dict[str, str] | None:
+    """The one-row kernel per weight shape chosen at load (onednn back end), else None."""
+    return getattr(model, "specdec_one_row", None)
+
+
 def apply_backend(model: nn.Module, name: str) -> nn.Module:
     """Put ``model`` (eval mode, final device and dtype) on back end ``name``; returns the same model."""
     device = next(model.parameters()).device
@@ -137,6 +176,8 @@ def apply_backend(model: nn.Module, name: str) -> nn.Module:
     model.specdec_backend = name  # read by Target, runner.environment and analysis.latency
     if name == "onednn":
         log.info("backend onednn: %d linears prepacked", pack_linears(model))
+        model.specdec_one_row = tune_one_row(model)
+        log.info("backend onednn: one-row kernels at %d threads: %s", torch.get_num_threads(), model.specdec_one_row)
     elif name == "compile":
         if device.type == "cpu":
             import torch._inductor.config as inductor_config

@@ -140,8 +140,9 @@ def compare(cfg: DictConfig, out_dir: Path) -> list[Path]:
     for q in todo:
         runner.check_fits(q, runner.prompts.ids(q["turns"][:1], []))
     env = environment(runner)
-    sessions = {arm.name: record_session(arm.run_dir / "sessions.jsonl", env, len(arm.answers.records))
+    sessions = {arm.name: record_session(arm.run_dir / "sessions.jsonl", env, len(arm.answers.records), arm.cfg)
                 for arm in arms}
+    answered = {arm.name: sum(q["question_id"] not in arm.answers.done for q in questions) for arm in arms}
     for arm in arms:
         arm.proposer.reset("run")
     if todo and cfg.warmup:
@@ -151,7 +152,8 @@ def compare(cfg: DictConfig, out_dir: Path) -> list[Path]:
         answer_question(runner, arms, q, position[q["question_id"]])
     for arm in arms:
         write_json(arm.run_dir / "summary.json",
-                   run_summary(arm.cfg, arm.answers.records, task_order, sessions[arm.name], arm.proposer))
+                   run_summary(arm.cfg, arm.answers.records, task_order, sessions[arm.name], arm.proposer,
+                               arm.run_dir, answered[arm.name]))
     return report(out_dir, [arm.name for arm in arms],
                   f"{cfg.model.name} on {cfg.task.name}, {cfg.max_new_tokens} new tokens, {env['device']} "
                   f"{env['dtype']}, {env['threads']} threads")

@@ -5,8 +5,8 @@ layers (``early_exit``, optionally with a trained head such as Kangaroo's adapte
 It is chosen by config (``conf/drafter/``, ``python run.py method=spectr drafter=early_exit``), never by
 the method, and reaches the method through ``MethodEnv.drafter``. Its API, per verify step::
 
-    root_logits = drafter.follow(ctx.tokens)          # [V]: cache := committed prefix; draft tree := [root]
-    logits = drafter.expand(tokens, parents)          # [n, V]: add n nodes, one batched tree forward
+    root_logits = drafter.follow(ctx.tokens, ctx.hidden)  # [V]: cache := committed prefix; tree := [root]
+    logits = drafter.expand(tokens, parents)              # [n, V]: add n nodes, one batched tree forward
 
 Draft-tree node 0 is the root (the last committed token); ``expand`` numbers new nodes after the
 existing ones, and ``parents`` index that numbering (a parent precedes its children). Logits are raw
@@ -37,6 +37,7 @@ class Drafter(ABC):
     ``_forward`` (one forward of new rows after the cached ones) and ``_new_caches``."""
 
     kind = "base"
+    wants_hidden = False  # True: begin/follow need the target's last-layer features (EAGLE heads, eagle.py)
 
     def __init__(self, vocab_size: int, device: torch.device, dtype: torch.dtype):
         self.vocab_size = vocab_size  # the target's logit rows; draft logits are cut / padded to it
@@ -46,14 +47,15 @@ class Drafter(ABC):
         self._reset()
 
     # ------------------------------------------------------------------ public API
-    def begin(self, tokens: Sequence[int]) -> None:
-        """A new generation: encode ``tokens[:-1]`` (the prompt without its last token)."""
+    def begin(self, tokens: Sequence[int], hidden: torch.Tensor | None = None) -> None:
+        """A new generation: encode ``tokens[:-1]`` (the prompt without its last token). ``hidden`` (the
+        target's features of ``tokens[:-1]``) is read only by drafters that set ``wants_hidden``."""
         self._reset()
         if len(tokens) > 1:
             self._forward_chain(list(tokens[:-1]), want_logits=False)
 
     @torch.inference_mode()
-    def follow(self, tokens: Sequence[int]) -> torch.Tensor:
+    def follow(self, tokens: Sequence[int], hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Bring the cache to ``tokens[:-1]`` and forward the root ``tokens[-1]``. Returns float32 [V]."""
         tokens = list(tokens)
         self._keep_committed(tokens)

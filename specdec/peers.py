@@ -174,7 +174,9 @@ def bench(args) -> dict:
     n_ctx = max(map(len, prompts)) + args.max_new_tokens + cfgs["pld"]["num_pred_tokens"] + 16
     llama_kw = dict(model_path=gguf, n_ctx=n_ctx, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
     llm_plain = Llama(**llama_kw)
-    llm_pld = Llama(**llama_kw, draft_model=LlamaPromptLookupDecoding(
+    # A draft model turns on llama-cpp-python's per-token logits, but its score buffer is sized by the
+    # constructor's logits_all (n_batch rows otherwise): prompts over 512 tokens overflow it (0.3.36).
+    llm_pld = Llama(**llama_kw, logits_all=True, draft_model=LlamaPromptLookupDecoding(
         max_ngram_size=cfgs["pld"]["max_ngram_size"], num_pred_tokens=cfgs["pld"]["num_pred_tokens"]))
     # The same prompt ids reach llama.cpp: check that its tokenizer agrees on the chat text.
     texts = [tok.apply_chat_template(builder.messages(q, []), tokenize=False, add_generation_prompt=True)

@@ -4,7 +4,8 @@ turn one generation), pair each question with the autoregressive baseline, write
 ``baseline: paired`` runs AR on the same question right next to the method, alternating which goes
 first, so the speedup is a side-by-side ratio on a noisy machine; ``baseline: none`` skips it.
 Resume: questions already in ``answers.jsonl`` are skipped; every process appends its environment to
-``sessions.jsonl`` before the first question (the summary lists them all).
+``sessions.jsonl`` before the first question (the summary lists them all). A run dir resumes only with
+the settings it was started with (``RESULT_KEYS``); another method or drafter into it is refused.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from .acceptance import make_rule
-from .backends import backend_of, warm
+from .backends import backend_of, one_row_kernels, warm
 from .decode import Generation, Stopwatch, generate
 from .drafter import build_drafter
 from .errors import UserError
@@ -142,18 +143,44 @@ def environment(runner: Runner) -> dict:
             "dtype": str(runner.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "git_commit": commit, "git_dirty": dirty, "attn_implementation": runner.model.config._attn_implementation,
-            "sdpa_force_gqa": os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA"), "backend": backend_of(runner.model)}
+            "sdpa_force_gqa": os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA"), "backend": backend_of(runner.model),
+            "one_row_kernels": one_row_kernels(runner.model)}
 
 
-def record_session(path: Path, env: dict, questions_done: int) -> list[dict]:
+# What a run dir's answers depend on: every session of one run dir must agree on these. How a session
+# runs (device, back end, threads, logger) may differ and is recorded in its ``env`` instead.
+RESULT_KEYS = ("model", "method", "drafter", "task", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
+               "dtype", "baseline", "warmup", "warmup_keeps_state")
+
+
+def run_identity(cfg: DictConfig) -> dict:
+    """The settings of ``RESULT_KEYS`` in ``cfg``, resolved, as JSON values."""
+    return json.loads(json.dumps({key: OmegaConf.to_container(cfg[key], resolve=True)
+                                  if OmegaConf.is_config(cfg[key]) else cfg[key] for key in RESULT_KEYS if key in cfg}))
+
+
+def record_session(path: Path, env: dict, questions_done: int, cfg: DictConfig) -> list[dict]:
     """Append this process's environment to ``sessions.jsonl`` before any question runs (an interrupted
     run still says where it ran) and return every session so far. A resumed run restarts stateful
-    methods cold (recycle's table, lookahead's tries): ``questions_done`` shows where that happened."""
+    methods cold (recycle's table, lookahead's tries): ``questions_done`` shows where that happened.
+
+    A run dir whose sessions ran other settings (``run_identity``) is refused; the launch's
+    ``.hydra/config.yaml`` is put back to the run's own, so nothing the run wrote is lost."""
+    identity = run_identity(cfg)
+    sessions = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip()] if path.exists() else []
+    for old in sessions:
+        if "identity" in old and old["identity"] != identity:
+            OmegaConf.save(OmegaConf.create(sessions[-1]["config"]), path.parent / ".hydra" / "config.yaml")
+            keys = sorted(k for k in {*identity, *old["identity"]} if identity.get(k) != old["identity"].get(k))
+            raise UserError(f"{path.parent} holds a run with other settings ({', '.join(keys)} differ; its method is "
+                            f"{old['identity'].get('method', {}).get('name')!r}): resume it with the same settings "
+                            f"or write to a new hydra.run.dir / hydra.sweep.dir")
     session = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "questions_done": questions_done,
-               "env": env}
+               "env": env, "identity": identity, "config": OmegaConf.to_container(cfg, resolve=True)}
     with path.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(session) + "\n")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return sessions + [session]
 
 
 def task_path(cfg: DictConfig) -> Path:
@@ -182,14 +209,24 @@ def warmup_question(cfg: DictConfig, questions) -> dict:
     return spare or questions[0]
 
 
-def run_summary(cfg: DictConfig, records: list[dict], task_order, sessions: list[dict], proposer: Proposer) -> dict:
-    """``summary.json`` of one run dir (``cfg.method`` names the method whose records these are)."""
+def run_summary(cfg: DictConfig, records: list[dict], task_order, sessions: list[dict], proposer: Proposer,
+                run_dir: Path, answered: int) -> dict:
+    """``summary.json`` of one run dir (``cfg.method`` names the method whose records these are).
+
+    ``method_stats`` are the proposer's counters over the ``answered`` questions of this process; a
+    resume that answered none keeps the previous summary's."""
+    stats, stats_questions = proposer.stats(), answered
+    previous = run_dir / "summary.json"
+    if not answered and previous.exists():
+        old = json.loads(previous.read_text(encoding="utf-8"))
+        stats, stats_questions = old.get("method_stats", stats), old.get("method_stats_questions")
     return {
         "schema_version": SCHEMA_VERSION, "method": cfg.method.name, "model": cfg.model.name, "task": cfg.task.name,
-        "tasks": summarize(records, task_order), "env": sessions[-1]["env"], "sessions": sessions,
+        "tasks": summarize(records, task_order), "env": sessions[-1]["env"],
+        "sessions": [{k: v for k, v in session.items() if k != "config"} for session in sessions],
         "warmup": int(cfg.warmup), "warmup_keeps_state": bool(cfg.warmup_keeps_state),
         "temperature": float(cfg.temperature), "max_new_tokens": int(cfg.max_new_tokens),
-        "baseline": cfg.baseline, "method_stats": proposer.stats(),
+        "baseline": cfg.baseline, "method_stats": stats, "method_stats_questions": stats_questions,
     }
 
 
@@ -203,7 +240,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         runner.check_fits(q, runner.prompts.ids(q["turns"][:1], []))
     if answers.records:
         log.info("resuming: %d of %d questions already in %s", len(answers.records), len(questions), answers.path)
-    sessions = record_session(run_dir / "sessions.jsonl", environment(runner), len(answers.records))
+    sessions = record_session(run_dir / "sessions.jsonl", environment(runner), len(answers.records), cfg)
     tracker = make_tracker(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
     mid = model_id(cfg, runner.dtype)
     runner.proposer.reset("run")
@@ -225,7 +262,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                                None if baseline is None else ("method_first" if method_first else "baseline_first"))
         answers.append(record)
         tracker.log_question(record)
-    summary = run_summary(cfg, answers.records, task_order, sessions, runner.proposer)
+    summary = run_summary(cfg, answers.records, task_order, sessions, runner.proposer, run_dir, len(todo))
     write_json(run_dir / "summary.json", summary)
     table = format_table(summary["tasks"])
     print(f"\n{cfg.method.name} vs AR on {cfg.task.name} ({cfg.model.name}, {summary['env']['device']}, "

@@ -181,31 +181,55 @@ def teacher_dir(cfg: TrainConfig, label: str) -> Path:
 @torch.no_grad()
 def build_teacher_cache(model, convs: list[tuple], layers: list[int], directory: Path) -> None:
     """Per shard of ``SHARD`` conversations: ids, assistant mask, final post-norm states and the input
-    states of each layer in ``layers`` (fp16). Existing shards are kept (resumable)."""
+    states of each layer in ``layers`` (fp16). Complete shards are kept (resumable). A shard that lacks
+    some of ``layers`` (cached for another ℓ) gets them added by running only the first layers, so
+    adapters for several ℓ share one full teacher pass."""
     directory.mkdir(parents=True, exist_ok=True)
-    shards = range(0, len(convs), SHARD)
-    todo = [s for s in shards if not _shard_has(directory / f"{s // SHARD:05d}.pt", layers)]
-    bar = tqdm(total=sum(len(convs[i][0]) for s in todo for i in range(s, min(s + SHARD, len(convs)))),
+    paths = [directory / f"{s // SHARD:05d}.pt" for s in range(0, len(convs), SHARD)]
+    held = [_shard_layers(path) for path in paths]
+    todo = [i for i, h in enumerate(held) if h is None or not set(layers) <= h]
+    bar = tqdm(total=sum(len(ids) for i in todo for ids, _ in convs[i * SHARD:(i + 1) * SHARD]),
                desc="teacher", unit="tok", dynamic_ncols=True)
-    for s in todo:
-        path = directory / f"{s // SHARD:05d}.pt"
-        shard = []
-        for ids, assistant in convs[s:s + SHARD]:
-            out = model.model(input_ids=ids[None].to(model.device), output_hidden_states=True)
-            item = {"ids": ids, "assistant": assistant, "final": out.last_hidden_state[0].half().cpu()}
-            item.update({f"layer{l}": out.hidden_states[l][0].half().cpu() for l in layers})
-            shard.append(item)
-            bar.update(len(ids))
-        tmp = path.with_suffix(".tmp")
+    for i in todo:
+        if held[i] is None:
+            shard = []
+            for ids, assistant in convs[i * SHARD:(i + 1) * SHARD]:
+                out = model.model(input_ids=ids[None].to(model.device), output_hidden_states=True)
+                item = {"ids": ids, "assistant": assistant, "final": out.last_hidden_state[0].half().cpu()}
+                item.update({f"layer{l}": out.hidden_states[l][0].half().cpu() for l in layers})
+                shard.append(item)
+                bar.update(len(ids))
+        else:
+            shard = torch.load(paths[i], map_location="cpu")
+            for item in shard:
+                item.update(shallow_states(model, item["ids"], sorted(set(layers) - held[i])))
+                bar.update(len(item["ids"]))
+        tmp = paths[i].with_suffix(".tmp")
         torch.save(shard, tmp)
-        tmp.rename(path)
+        tmp.rename(paths[i])
     bar.close()
 
 
-def _shard_has(path: Path, layers: list[int]) -> bool:
+def shallow_states(model, ids: torch.Tensor, layers: list[int]) -> dict[str, torch.Tensor]:
+    """The input states of each decoder layer in ``layers`` (ascending) for ``ids`` [T], by running only
+    layers [0, max(layers)): {"layer<l>": fp16 [T, H]}."""
+    from .layers import LayerRunner
+
+    runner = LayerRunner(model, check=False)
+    hidden = runner.embed(ids[None].to(model.device))
+    position_ids = torch.arange(len(ids), device=model.device)[None]
+    states, done = {}, 0
+    for layer in layers:
+        hidden = runner.run(hidden, done, layer, position_ids, None, None)
+        states[f"layer{layer}"], done = hidden[0].half().cpu(), layer
+    return states
+
+
+def _shard_layers(path: Path) -> set[int] | None:
+    """The layers whose states a cached shard holds (None: no shard)."""
     if not path.exists():
-        return False
-    return all(f"layer{l}" in torch.load(path, map_location="cpu")[0] for l in layers)
+        return None
+    return {int(k[5:]) for k in torch.load(path, map_location="cpu")[0] if k.startswith("layer")}
 
 
 def load_teacher(directory: Path, n: int) -> list[dict]:

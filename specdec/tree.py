@@ -27,7 +27,8 @@ CHAIN_SAMPLED = "chain_sampled"  # one sampled child per node: Leviathan single-
 IID = "iid"                      # k i.i.d. sampled children per node: SpecInfer multi-step rule
 IID_KSEQ = "iid_kseq"            # the same i.i.d. trie, verified by SpecTr's K-SEQ with rho*
 WITHOUT_REPLACEMENT = "without_replacement"  # distinct children drawn without replacement: RSD's recursive rule
-KINDS = (DETERMINISTIC, CHAIN_SAMPLED, IID, IID_KSEQ, WITHOUT_REPLACEMENT)
+MULTI_DRAFT_IS = "multi_draft_is"  # the i.i.d. trie over a top-M q, Khisti et al.'s two-step IS selection
+KINDS = (DETERMINISTIC, CHAIN_SAMPLED, IID, IID_KSEQ, WITHOUT_REPLACEMENT, MULTI_DRAFT_IS)
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,7 +42,7 @@ class DraftTree:
     # WITHOUT_REPLACEMENT: before any child was drawn). float32 [T, V]; required for every kind but
     # DETERMINISTIC under sampling, else None.
     draft_probs: Optional[torch.Tensor] = None
-    # IID / IID_KSEQ: how many of the i.i.d. draws produced node i (repeated draws share one node).
+    # IID / IID_KSEQ / MULTI_DRAFT_IS: how many of the i.i.d. draws produced node i (repeated draws share one node).
     multiplicity: Optional[torch.Tensor] = None  # int64 [T]
     # Method-specific payload handed back in ``StepResult`` (e.g. template ranks); never read by the core.
     meta: object = field(default=None, repr=False)

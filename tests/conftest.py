@@ -29,29 +29,33 @@ def run_generation(model, proposer: Proposer, prompt_ids: list[int], max_new_tok
                     make_rule(temperature, top_k, top_p, gen), Stopwatch(model.device))
 
 
-def first_two_tokens_histogram(model, proposer: Proposer, prompt: list[int], trials: int, seed: int = 0):
+def first_two_tokens_histogram(model, proposer: Proposer, prompt: list[int], trials: int, seed: int = 0,
+                               fresh_tree: bool = False):
     """Counts [V, V] of the first two tokens committed by the exact sampling rule (T = 1) on the
     proposer's real first tree, scored once by the target; the rule then runs ``trials`` times on it.
+    ``fresh_tree``: propose and score a new tree per trial instead (drafts drawn from q are exact only
+    on average over the draws, so one fixed sampled tree cannot be reused).
 
     A trial that commits one token only gets its second from the target's p(. | x1) itself (what the
     next step does). Returns (counts, exact p(x1) p(x2 | x1) [V, V], trials that accepted a draft
-    node, the tree). Only for tiny vocabularies: p(. | x1) costs one forward per token."""
+    node, the last tree). Only for tiny vocabularies: p(. | x1) costs one forward per token."""
     vocab = vocab_size(model)
     ctx = Context(tokens=list(prompt), prompt_len=len(prompt), remaining=8)
     target = Target(model)
-    target.prefill(ctx.tokens)
-    proposer.begin(ctx)
-    tree = proposer.propose(ctx)
-    logits = target.score(tree)                                           # [T, V]
     with torch.no_grad():
         p1 = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].double(), -1).numpy()
         p2 = torch.stack([torch.softmax(model(torch.tensor([prompt + [x]])).logits[0, -1].double(), -1)
                           for x in range(vocab)]).numpy()                 # [V, V]
     rule = make_rule(1.0, generator=torch.Generator().manual_seed(seed))
     rng = np.random.default_rng(seed)
-    counts = np.zeros((vocab, vocab))
-    accepted = 0
+    counts, accepted, tree = np.zeros((vocab, vocab)), 0, None
     for _ in range(trials):
+        if tree is None or fresh_tree:
+            target.prefill(ctx.tokens)
+            if tree is None:
+                proposer.begin(ctx)
+            tree = proposer.propose(ctx)
+            logits = target.score(tree)                                   # [T, V]
         path, bonus = rule(tree, logits)
         committed = tree.tokens[path[1:]].tolist() + [bonus]
         if len(committed) == 1:

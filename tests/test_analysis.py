@@ -188,6 +188,11 @@ def test_split_ablations_keeps_method_sweeps_in_the_main_table(stats):
     over_methods = stats.copy()
     over_methods.loc[over_methods["run"].isin([R1, PLD]), "sweep"] = "runs/multirun/x"
     assert split_ablations(over_methods)[1]["run"].nunique() == 3
+    # a multirun over the drafter's exit layer (Kangaroo's ℓ sweep: -m drafter.exit_layer=1,2,4) is one
+    two = stats[stats["run"].isin([R1, R2])].copy().assign(sweep="runs/multirun/l")
+    assert split_ablations(two)[1].empty  # same knobs, no exit layer: repeats, not an ablation
+    two["drafter.exit_layer"] = two["run"].map({R1: 1, R2: 4})
+    assert split_ablations(two)[1]["run"].nunique() == 2
 
 
 def test_knob_variants_get_labels(stats):

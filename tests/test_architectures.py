@@ -3,8 +3,6 @@
 on each CPU back end: tree logits equal each path alone, KV compaction equals recomputation,
 greedy generation with drafts equals AR, and a sliding window that would be exceeded is refused."""
 
-import copy
-
 import pytest
 import torch
 from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
@@ -16,7 +14,7 @@ from specdec.errors import UserError
 from specdec.proposer import Proposer
 from specdec.target import Target
 from test_decode import RandomDrafts
-from test_verifier import causal_cache, check_tree_equals_paths, random_tree
+from test_verifier import check_compaction_equals_recomputation, check_tree_equals_paths, random_tree
 
 VOCAB = 64
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -55,19 +53,7 @@ def test_tree_logits_equal_each_path_alone(arch, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_compaction_equals_recomputation(arch, backend):
-    model = tiny(arch, backend=backend)
-    prefix, tree, path = list(range(5, 17)), random_tree(VOCAB), [0, 1, 3, 5, 7]
-    target = Target(model)
-    target.prefill(prefix + [int(tree.tokens[0])])
-    target.score(tree)
-    before = copy.deepcopy(target.cache)
-    target.commit(tree, path)
-    kept = prefix + tree.tokens[path].tolist()
-    keep_index = torch.cat([torch.arange(len(prefix)), len(prefix) + torch.tensor(path)])
-    for ours, ref, old in zip(target.cache.layers, causal_cache(model, kept).layers, before.layers):
-        assert ours.keys.shape[-2] == len(kept) == target.cache_len
-        assert torch.allclose(ours.keys, ref.keys, atol=1e-5) and torch.allclose(ours.values, ref.values, atol=1e-5)
-        assert torch.equal(ours.keys, old.keys.index_select(-2, keep_index))
+    check_compaction_equals_recomputation(tiny(arch, backend=backend), [0, 1, 3, 5, 7], VOCAB)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from conftest import EMBEDDED, LOSSLESS_NEW_TOKENS, method_env, run_generation, tiny_llama
-from specdec.backends import (PackedLinear, apply_backend, backend_of, onednn_supports, pack_linears, resolve_backend,
-                              warm)
+from specdec.backends import (PackedLinear, apply_backend, backend_of, one_row_kernels, onednn_supports, pack_linears,
+                              resolve_backend, warm)
 from specdec.drafter import build_drafter
 from specdec.errors import UserError
 from specdec.models import load_model
@@ -55,14 +55,27 @@ def test_packed_linear_matches_linear(shape):
     assert packed.weight is linear.weight and packed(x).shape == linear(x).shape
 
 
-def test_one_row_takes_the_eager_kernel_bit_for_bit():
-    """One-token steps (AR) run exactly eager's GEMV, so AR output on onednn is eager's by construction."""
+def test_one_row_kernels():
+    """A single row takes eager's GEMV bit for bit by default (``mkl``), or the packed oneDNN weight."""
     torch.manual_seed(0)
     linear = nn.Linear(96, 200)
     packed = PackedLinear(linear)
     with torch.inference_mode():
         for x in (torch.randn(96), torch.randn(1, 1, 96)):
             assert torch.equal(packed(x), linear(x))
+            packed.one_row_kernel = "onednn"
+            assert torch.allclose(packed(x), linear(x), atol=1e-5) and packed(x).shape == linear(x).shape
+            packed.one_row_kernel = "mkl"
+
+
+def test_tune_one_row_sets_every_shape():
+    """The onednn back end times both one-row kernels per weight shape at load and records the choice."""
+    model = apply_backend(tiny_llama(), "onednn")
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    shapes = {f"{m.out_features}x{m.in_features}" for m in layers}
+    assert set(one_row_kernels(model)) == shapes and set(one_row_kernels(model).values()) <= {"mkl", "onednn"}
+    assert all(m.one_row_kernel == one_row_kernels(model)[f"{m.out_features}x{m.in_features}"] for m in layers)
+    assert one_row_kernels(apply_backend(tiny_llama(), "eager")) is None
 
 
 def test_packed_linear_falls_back_to_autograd():
@@ -98,7 +111,12 @@ def test_warm_leaves_no_cache():
 
 @pytest.fixture(scope="module")
 def smollm2_onednn():
+    """SmolLM2 on onednn with oneDNN for one-row forwards too (the load-time choice is timing-dependent;
+    ``mkl`` is eager's kernel bit for bit, so all-oneDNN is the case that needs the check)."""
     model, tok = load_model(EMBEDDED, torch.device("cpu"), torch.float32, backend="onednn")
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            module.one_row_kernel = "onednn"
     return model, tok
 
 

@@ -180,6 +180,7 @@ class PathDrafter:
     """A drafter whose logits are a fixed random function of the token path (no model): fast exact tests."""
 
     kind = "path"
+    wants_hidden = False
 
     def __init__(self, vocab: int, seed: int, sharpness: float = 2.0):
         self.vocab, self.seed, self.sharpness = vocab, seed, sharpness
@@ -193,10 +194,10 @@ class PathDrafter:
             self.memo[path] = self.sharpness * torch.randn(self.vocab, generator=g)
         return self.memo[path]
 
-    def begin(self, tokens):
+    def begin(self, tokens, hidden=None):
         pass
 
-    def follow(self, tokens):
+    def follow(self, tokens, hidden=None):
         self.paths = [tuple(tokens)]
         self.tree_tokens = [tokens[-1]]
         return self.logits(self.paths[0])

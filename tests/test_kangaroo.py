@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 from conftest import (LOSSLESS_NEW_TOKENS, assert_same_distribution, first_two_tokens_histogram,
@@ -119,31 +118,6 @@ def test_draft_logits_after_many_steps_equal_a_fresh_recomputation(smollm2, task
     torch.testing.assert_close(followed, fresh.follow(tokens), atol=1e-3, rtol=1e-4)
 
 
-def sampled_first_two_tokens(model, proposer, prompt: list[int], trials: int, seed: int = 0):
-    """Like conftest's ``first_two_tokens_histogram``, but a new draft tree per trial: drafts drawn from q
-    are exact only on average over the draws, so one fixed sampled tree cannot be reused."""
-    V = vocab_size(model)
-    ctx = Context(tokens=list(prompt), prompt_len=len(prompt), remaining=8)
-    target, rule = Target(model), make_rule(1.0, generator=torch.Generator().manual_seed(seed))
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        p1 = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].double(), -1).numpy()
-        p2 = torch.stack([torch.softmax(model(torch.tensor([prompt + [x]])).logits[0, -1].double(), -1)
-                          for x in range(V)]).numpy()                                 # [V, V]
-    proposer.begin(ctx)
-    counts, accepted = np.zeros((V, V)), 0
-    for _ in range(trials):
-        target.prefill(prompt)
-        tree = proposer.propose(ctx)
-        path, bonus = rule(tree, target.score(tree))
-        committed = tree.tokens[path[1:]].tolist() + [bonus]
-        if len(committed) == 1:
-            committed.append(int(rng.choice(V, p=p2[committed[0]] / p2[committed[0]].sum())))
-        counts[committed[0], committed[1]] += 1
-        accepted += len(path) > 1
-    return counts, p1[:, None] * p2, accepted, tree
-
-
 @pytest.mark.parametrize("rule", ["chain_sampled", "deterministic"])
 def test_sampling_is_exact(rule):
     """Tiny model, T = 1: the first two committed tokens follow p(x1) p(x2 | x1) with drafts drawn from
@@ -162,7 +136,7 @@ def test_sampling_is_exact(rule):
     prompt = [1, 2, 3, 4, 0]
     if rule == "chain_sampled":
         trials = 2500  # one propose + verify per trial: kept small; the chi-square test carries the check
-        counts, exact, accepted, tree = sampled_first_two_tokens(model, proposer, prompt, trials)
+        counts, exact, accepted, tree = first_two_tokens_histogram(model, proposer, prompt, trials, fresh_tree=True)
         assert_same_distribution(counts, exact, max_tv=0.08)  # sampling noise alone: TV ~0.04 (25 cells)
     else:
         trials = 20_000
@@ -185,7 +159,12 @@ def test_configs_compose_with_the_trained_adapter(smollm2):
     model, tok, _ = smollm2
     from omegaconf import OmegaConf
 
-    drafter = build_drafter(OmegaConf.to_container(cfg.drafter), model, tok, vocab_size(model))
+    drafter = build_drafter(OmegaConf.to_container(cfg.drafter, resolve=True), model, tok, vocab_size(model))
     assert drafter.head is not None and drafter.exit_layer == 2
     env = dataclasses.replace(method_env(model, tok), drafter=drafter)
     assert build_proposer(OmegaConf.to_container(cfg.method), env).stats()["adapter"]
+    for layer in (1, 4):  # the l sweep's adapters: drafter.exit_layer picks the one trained for that layer
+        with initialize_config_dir(str(REPO_ROOT / "conf"), version_base=None):
+            swept = compose("config", overrides=["method=kangaroo", f"drafter.exit_layer={layer}"])
+        drafter = build_drafter(OmegaConf.to_container(swept.drafter, resolve=True), model, tok, vocab_size(model))
+        assert drafter.head is not None and drafter.exit_layer == layer

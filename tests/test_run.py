@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import EMBEDDED, tiny_llama
 from specdec.models import cached_embedded_copy, default_cache_dir
@@ -77,9 +78,16 @@ def test_tiny_run_writes_records_summary_and_resumes(tiny_model_dir, tmp_path):
 
     run_cli(*tiny_args(tiny_model_dir, run_dir, "method=ar", "logger=none"))  # all done: nothing is duplicated
     assert len(read_answers(run_dir)) == 6
-    sessions = json.loads((run_dir / "summary.json").read_text())["sessions"]
-    assert [s["questions_done"] for s in sessions] == [0, 4, 6]  # where each process started
-    assert all(s["env"]["torch"] == torch.__version__ for s in sessions)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [s["questions_done"] for s in summary["sessions"]] == [0, 4, 6]  # where each process started
+    assert all(s["env"]["torch"] == torch.__version__ for s in summary["sessions"])
+    assert summary["method_stats_questions"] == 2  # the last process answered none: the resume's stats are kept
+
+    # another method into the same dir is refused before anything is written
+    proc = run_cli(*tiny_args(tiny_model_dir, run_dir, "method=pld", "logger=none"), check=False)
+    assert proc.returncode == 2 and "holds a run with other settings (method differ" in proc.stderr
+    assert len(read_answers(run_dir)) == 6 and json.loads((run_dir / "summary.json").read_text()) == summary
+    assert OmegaConf.load(run_dir / ".hydra" / "config.yaml").method.name == "ar"  # Hydra's overwrite undone
 
 
 def test_smollm2_mini_run_end_to_end(tmp_path):

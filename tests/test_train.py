@@ -13,7 +13,7 @@ from conftest import tiny_llama
 
 from specdec.errors import UserError
 from specdec.heads import EagleHead, KangarooAdapter, load_head, save_head
-from specdec.train import encode_conversation, main, parse_args, train
+from specdec.train import build_teacher_cache, encode_conversation, main, parse_args, train
 
 
 def patterned_conversations(n: int, vocab: int, length: int = 48, seed: int = 0) -> list[tuple]:
@@ -55,6 +55,25 @@ def test_tiny_training_lowers_the_loss_and_resumes(head, tmp_path, monkeypatch):
     # a different command must not resume someone else's checkpoint
     with pytest.raises(UserError, match="different command"):
         train(dataclasses.replace(cfg, lr=1e-3), model=model, label="tiny", convs=convs)
+
+
+def test_teacher_cache_keeps_the_layers_it_held(tmp_path):
+    """Adapters for several exit layers share one teacher cache: a new ℓ is added to the cached shards (by the
+    first layers only), and a shard that already holds ℓ is not rewritten."""
+    model = tiny_llama(vocab=64, layers=4, seed=1)
+    convs = patterned_conversations(3, 64, length=16)
+    build_teacher_cache(model, convs, [1], tmp_path)
+    build_teacher_cache(model, convs, [3], tmp_path)
+    shard = tmp_path / "00000.pt"
+    items = torch.load(shard)
+    assert len(items) == 3 and {"layer1", "layer3", "final"} <= set(items[0])
+    with torch.no_grad():
+        hidden = model.model(input_ids=convs[0][0][None], output_hidden_states=True).hidden_states
+    assert torch.equal(items[0]["layer1"], hidden[1][0].half())                # the full teacher forward's
+    assert torch.allclose(items[0]["layer3"].float(), hidden[3][0], atol=1e-2)  # added by a 3-layer forward
+    stamp = shard.stat().st_mtime_ns
+    build_teacher_cache(model, convs, [1, 3], tmp_path)
+    assert shard.stat().st_mtime_ns == stamp
 
 
 def test_heads_round_trip_and_dims_check(tmp_path):

@@ -95,26 +95,27 @@ def causal_cache(model, tokens: list[int]) -> DynamicCache:
     return cache
 
 
-@pytest.mark.parametrize("path", [[0, 1, 3, 5, 7], [0, 2, 6], [0, 1], [0]])
-def test_compaction_equals_recomputation(path):
-    model = tiny_llama()
-    prefix = list(range(5, 17))
-    tree = random_tree(64)
+def check_compaction_equals_recomputation(model, path: list[int], vocab: int = 64):
+    """Score a random tree after a 12-token prefix, commit ``path``: the cache equals a causal forward of the
+    kept tokens, and the tail-only copy equals a full index_select of the pre-commit cache."""
+    prefix, tree = list(range(5, 17)), random_tree(vocab)
     target = Target(model)
     target.prefill(prefix + [int(tree.tokens[0])])
     target.score(tree)
     before = copy.deepcopy(target.cache)
     target.commit(tree, path)
     kept = prefix + tree.tokens[path].tolist()
-    reference = causal_cache(model, kept)
-    P = len(prefix)
-    keep_index = torch.cat([torch.arange(P), P + torch.tensor(path)])
-    for ours, ref, old in zip(target.cache.layers, reference.layers, before.layers):
-        assert ours.keys.shape[-2] == len(kept)
+    keep_index = torch.cat([torch.arange(len(prefix)), len(prefix) + torch.tensor(path)])
+    for ours, ref, old in zip(target.cache.layers, causal_cache(model, kept).layers, before.layers):
+        assert ours.keys.shape[-2] == len(kept) == target.cache_len
         assert torch.allclose(ours.keys, ref.keys, atol=1e-5) and torch.allclose(ours.values, ref.values, atol=1e-5)
-        # the tail-only copy equals a full index_select of the pre-commit cache
         assert torch.equal(ours.keys, old.keys.index_select(-2, keep_index))
         assert torch.equal(ours.values, old.values.index_select(-2, keep_index))
+
+
+@pytest.mark.parametrize("path", [[0, 1, 3, 5, 7], [0, 2, 6], [0, 1], [0]])
+def test_compaction_equals_recomputation(path):
+    check_compaction_equals_recomputation(tiny_llama(), path)
 
 
 def test_positions_are_prefix_plus_depth():
