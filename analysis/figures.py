@@ -82,7 +82,7 @@ def knob_sweep(summary: pd.DataFrame, knob: str, out_dir: str | Path, name: str 
         if has_speedup and rows["speedup"].notna().any():
             sstd = rows["speedup_std"] if "speedup_std" in rows else pd.Series(0.0, index=rows.index)
             ax_speed.errorbar(rows[knob], rows["speedup"], yerr=_err(sstd), marker="o", capsize=2, label=str(key))
-    short = knob.removeprefix("method.")
+    short = knob.removeprefix("method.").removeprefix("drafter.")
     for ax, ylabel in ((ax_mat, "MAT (mean accepted tokens)"), (ax_speed, "speedup vs AR"))[:1 + has_speedup]:
         ax.set_xlabel(short)
         ax.set_ylabel(ylabel)
