@@ -114,8 +114,8 @@ bench-dynamic: install  ## eagle2/opt_tree/dyspec x drafters, static trees, N sw
 .PHONY: bench-multidraft
 bench-multidraft: install  ## MAT vs K in {1,2,4,8} and L in {2,4}: sps, specinfer, spectr, khisti, rsd (MD_DRAFTER) -> runs/bench/multidraft/
 	$(MD) method=sps method.gamma=2,4 hydra.sweep.dir=runs/bench/multidraft/sps
-	$(MD) method=specinfer,spectr method.k=1,2,4,8 method.length=2 hydra.sweep.dir=runs/bench/multidraft/iid_L2
-	$(MD) method=specinfer,spectr method.k=1,2,4,8 method.length=4 hydra.sweep.dir=runs/bench/multidraft/iid_L4
+	for m in specinfer spectr; do for l in 2 4; do \
+	  $(MD) method=$$m method.k=1,2,4,8 method.length=$$l hydra.sweep.dir=runs/bench/multidraft/$${m}_L$$l || exit 1; done; done
 	$(MD) method=khisti method.k=1,2,4,8 method.length=4 hydra.sweep.dir=runs/bench/multidraft/khisti_L4
 	$(MD) method=rsd 'method.branching=[1,1],[2,1],[4,1],[8,1]' hydra.sweep.dir=runs/bench/multidraft/rsd_L2
 	$(MD) method=rsd 'method.branching=[1,1,1,1],[2,1,1,1],[4,1,1,1],[8,1,1,1]' hydra.sweep.dir=runs/bench/multidraft/rsd_L4
