@@ -15,8 +15,8 @@ baseline and every method share one ``Target`` and so one back end: paired ratio
   matrices; here on an AVX2 EPYC 6x at M=16 on the 576x1536 one), oneDNN's stay close to the M=1
   cost. One-token forwards (AR, prefill-free steps) take, per weight shape, whichever kernel was
   faster when the model was loaded (``tune_one_row``, at the run's thread count): on the AVX2 EPYC
-  at 2 threads oneDNN won for the 1536x576 MLP matrices (1.6x) and the LM head (1.8x) and MKL's GEMV
-  for the rest; at 1 thread MKL won everywhere. The choice is logged and recorded (``one_row_kernels``
+  at 2 threads oneDNN won for the 1536x576 MLP matrices (1.6x), the LM head (1.8x) and, narrowly, the
+  576x576 ones, MKL's GEMV for the rest; at 1 thread MKL won everywhere. The choice is logged and recorded (``one_row_kernels``
   in ``summary.env`` and latency profiles). fp32; bf16 where
   oneDNN supports it on this CPU (``onednn_supports``: AVX512-BF16/AVX-NE-CONVERT or AVX512BW).
   Cost: the weights are held twice (original + packed), e.g. 1.08 GB instead of 0.54 GB for SmolLM2.
