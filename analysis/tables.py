@@ -229,8 +229,8 @@ def speedup_stats(df: pd.DataFrame, match: Sequence[str] = ("model", "device", "
 
 def split_ablations(stats: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(main, ablations): a Hydra multirun whose jobs vary a knob of one method (``method.tree_nodes=8,16,32``)
-    or the drafter's exit layer (``drafter.exit_layer=1,2,4``) is an ablation, shown as a sweep figure; every other run (single runs, and sweeps over methods such
-    as ``method=recycle,pld``) belongs in the main table."""
+    or the drafter's exit layer (``drafter.exit_layer=1,2,4``) is an ablation, shown as a sweep figure; every
+    other run (single runs, and sweeps over methods such as ``method=recycle,pld``) belongs in the main table."""
     if stats.empty or "sweep" not in stats:
         return stats, stats.iloc[:0]
     knobs = sweep_axes(stats)

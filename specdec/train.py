@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .errors import UserError
+from .layers import LayerRunner
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -190,6 +191,7 @@ def build_teacher_cache(model, convs: list[tuple], layers: list[int], directory:
     todo = [i for i, h in enumerate(held) if h is None or not set(layers) <= h]
     bar = tqdm(total=sum(len(ids) for i in todo for ids, _ in convs[i * SHARD:(i + 1) * SHARD]),
                desc="teacher", unit="tok", dynamic_ncols=True)
+    runner = None  # the first layers alone, built once when a shard needs extending
     for i in todo:
         if held[i] is None:
             shard = []
@@ -201,8 +203,9 @@ def build_teacher_cache(model, convs: list[tuple], layers: list[int], directory:
                 bar.update(len(ids))
         else:
             shard = torch.load(paths[i], map_location="cpu")
+            runner = runner or LayerRunner(model, check=False)
             for item in shard:
-                item.update(shallow_states(model, item["ids"], sorted(set(layers) - held[i])))
+                item.update(shallow_states(runner, item["ids"], sorted(set(layers) - held[i])))
                 bar.update(len(item["ids"]))
         tmp = paths[i].with_suffix(".tmp")
         torch.save(shard, tmp)
@@ -210,14 +213,11 @@ def build_teacher_cache(model, convs: list[tuple], layers: list[int], directory:
     bar.close()
 
 
-def shallow_states(model, ids: torch.Tensor, layers: list[int]) -> dict[str, torch.Tensor]:
+def shallow_states(runner: LayerRunner, ids: torch.Tensor, layers: list[int]) -> dict[str, torch.Tensor]:
     """The input states of each decoder layer in ``layers`` (ascending) for ``ids`` [T], by running only
-    layers [0, max(layers)): {"layer<l>": fp16 [T, H]}."""
-    from .layers import LayerRunner
-
-    runner = LayerRunner(model, check=False)
-    hidden = runner.embed(ids[None].to(model.device))
-    position_ids = torch.arange(len(ids), device=model.device)[None]
+    layers [0, max(layers)) of the runner's model: {"layer<l>": fp16 [T, H]}."""
+    hidden = runner.embed(ids[None].to(runner.device))
+    position_ids = torch.arange(len(ids), device=runner.device)[None]
     states, done = {}, 0
     for layer in layers:
         hidden = runner.run(hidden, done, layer, position_ids, None, None)
