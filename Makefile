@@ -58,28 +58,41 @@ train-eagle: install  ## train SmolLM2's EAGLE head on the same cached teacher s
 	OMP_NUM_THREADS=1 $(PY) -m specdec.train head=eagle model=smollm2-135m epochs=3 lr=1e-3 warmup=40 eval_every=50
 
 .PHONY: bench-backends
-bench-backends: install  ## target back ends side by side: onednn latency profile, t(N)/t(1) and AR vs generate -> runs/bench/backends.json
+bench-backends: install  ## target back ends side by side (compile: ~6 min of compiling first): onednn latency profile, t(N)/t(1), AR vs generate -> runs/bench/backends.json
 	$(PY) -m analysis.latency profile --backend onednn --threads $(BENCH_THREADS) --out runs/latency/cpu-smollm2-fp32-onednn-t$(BENCH_THREADS).json
-	$(PY) -m specdec.backends --threads $(BENCH_THREADS) --variants eager/float32,onednn/float32,eager/bfloat16 --max-new-tokens 64 --rounds 2
+	$(PY) -m specdec.backends --threads $(BENCH_THREADS) --variants eager/float32,onednn/float32,compile/float32,eager/bfloat16 --max-new-tokens 64 --rounds 2
 
 .PHONY: bench-peers
 bench-peers: install  ## llama.cpp plain + prompt lookup on the same GGUF beside our AR + pld (needs .[peers]) -> runs/bench/peers.json
 	$(PY) -m specdec.peers --threads $(BENCH_THREADS) --max-new-tokens 128 --rounds 2
 
-# the SpecTr paper's comparison: MAT vs drafts K and length L, one drafter for all, sampling (T = 1), no paired AR
+# the SpecTr paper's comparison: MAT vs drafts K and length L, one drafter for all, sampling (T = 1), no paired AR.
+# Two questions per task (14 turns of 64 tokens, ~650 verify steps per run): the quick slice's ~300 steps left MAT a
+# standard error of ~0.04, as large as the gaps between the rules (analysis prints each gap's z).
+# K-SEQ with one draft is SpS's rule (the same tokens as specinfer k=1 under one seed): spectr starts at k=2.
 MD_DRAFTER ?= drafter=kangaroo
-MD       := $(BENCH) $(MD_DRAFTER) temperature=1 baseline=none $(QUICK)
-# sampling mode (issue 10): every method paired with sampled AR at T = 1; T = 0.7 / top-p 0.95 for a subset
+MD_SLICE ?= task.per_category=2 max_new_tokens=64
+MD       := $(BENCH) $(MD_DRAFTER) temperature=1 baseline=none $(MD_SLICE)
+# the same comparison without the text noise: every rule's token-level acceptance vs K on the same (p, q) pairs
+# (teacher-forced along the target's own sampled text; exact for SpecInfer / K-SEQ / IS, Monte Carlo for RSD)
+.PHONY: bench-token-acceptance
+bench-token-acceptance: install  ## acceptance vs K of specinfer / spectr / khisti / rsd on the same (p, q) pairs (~10 min) -> runs/bench/token_acceptance.json
+	$(PY) -m specdec.token_acceptance --$(MD_DRAFTER) --ks 1,2,4,8 --threads $(BENCH_THREADS)
+
+# sampling mode (issue 10): every method paired with sampled AR at T = 1 and at T = 0.7 / top-p 0.95 (new methods go at
+# the end of a list: a sweep dir's job n must keep its method to resume)
 SAMPLING_DRAFTER ?= drafter=kangaroo
 SAMPLING := $(BENCH) $(QUICK)
 .PHONY: bench-sampling
-bench-sampling: install  ## every method at T=1 (a subset at T=0.7/top-p 0.95), paired with sampled AR -> runs/bench/sampling/
+bench-sampling: install  ## every method at T=1 and at T=0.7/top-p 0.95, paired with sampled AR -> runs/bench/sampling/
 	$(SAMPLING) method=recycle_cpu,lookahead_cpu,pld,aded_fast,kangaroo temperature=1.0 hydra.sweep.dir=runs/bench/sampling/t1_a
-	$(SAMPLING) method=sps,specinfer,spectr,rsd $(SAMPLING_DRAFTER) temperature=1.0 hydra.sweep.dir=runs/bench/sampling/t1_draft
+	$(SAMPLING) method=sps,specinfer,spectr,rsd,khisti $(SAMPLING_DRAFTER) temperature=1.0 hydra.sweep.dir=runs/bench/sampling/t1_draft
 	$(SAMPLING) method=pld,recycle_cpu,lookahead_cpu,aded_fast,kangaroo temperature=0.7 top_p=0.95 hydra.sweep.dir=runs/bench/sampling/t07_a
-	$(SAMPLING) method=sps,spectr $(SAMPLING_DRAFTER) temperature=0.7 top_p=0.95 hydra.sweep.dir=runs/bench/sampling/t07_draft
+	$(SAMPLING) method=sps,spectr,specinfer,rsd,khisti $(SAMPLING_DRAFTER) temperature=0.7 top_p=0.95 hydra.sweep.dir=runs/bench/sampling/t07_draft
 	$(SAMPLING) method=eagle2,opt_tree,dyspec temperature=1.0 hydra.sweep.dir=runs/bench/sampling/t1_dyn
+	$(SAMPLING) method=eagle2,opt_tree,dyspec temperature=0.7 top_p=0.95 hydra.sweep.dir=runs/bench/sampling/t07_dyn
 	$(SAMPLING) method=recycle,lookahead,aded temperature=1.0 hydra.sweep.dir=runs/bench/sampling/t1_big
+	$(SAMPLING) method=recycle,lookahead,aded temperature=0.7 top_p=0.95 hydra.sweep.dir=runs/bench/sampling/t07_big
 
 # Kangaroo (issue 11), greedy, paired with AR: eta and gamma sweeps, full-model verification, the untrained exit
 # (no adapter), SpS with and without the adapter, exit layer 1 / 4 (adapters of train-kangaroo-layers), tree mode
@@ -114,8 +127,9 @@ bench-dynamic: install  ## eagle2/opt_tree/dyspec x drafters, static trees, N sw
 .PHONY: bench-multidraft
 bench-multidraft: install  ## MAT vs K in {1,2,4,8} and L in {2,4}: sps, specinfer, spectr, khisti, rsd (MD_DRAFTER) -> runs/bench/multidraft/
 	$(MD) method=sps method.gamma=2,4 hydra.sweep.dir=runs/bench/multidraft/sps
-	for m in specinfer spectr; do for l in 2 4; do \
-	  $(MD) method=$$m method.k=1,2,4,8 method.length=$$l hydra.sweep.dir=runs/bench/multidraft/$${m}_L$$l || exit 1; done; done
+	for l in 2 4; do \
+	  $(MD) method=specinfer method.k=1,2,4,8 method.length=$$l hydra.sweep.dir=runs/bench/multidraft/specinfer_L$$l || exit 1; \
+	  $(MD) method=spectr method.k=2,4,8 method.length=$$l hydra.sweep.dir=runs/bench/multidraft/spectr_L$$l || exit 1; done
 	$(MD) method=khisti method.k=1,2,4,8 method.length=4 hydra.sweep.dir=runs/bench/multidraft/khisti_L4
 	$(MD) method=rsd 'method.branching=[1,1],[2,1],[4,1],[8,1]' hydra.sweep.dir=runs/bench/multidraft/rsd_L2
 	$(MD) method=rsd 'method.branching=[1,1,1,1],[2,1,1,1],[4,1,1,1],[8,1,1,1]' hydra.sweep.dir=runs/bench/multidraft/rsd_L4

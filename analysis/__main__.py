@@ -14,7 +14,8 @@ What it writes (kinds of runs that are absent are skipped with a printed note):
   that varies; the MAT panel alone for runs without a speedup, e.g. ``baseline=none``);
 * ``multidraft/``: MAT vs drafts K and length L of sps/specinfer/spectr/rsd sampled without a baseline
   (``make bench-multidraft``): ``multidraft``, ``ordering`` (.md/.csv), figure ``mat_vs_drafts``
-  (``analysis.bench_figures``);
+  (``analysis.bench_figures``); ``token_acceptance`` (table + figure) from ``runs/bench/token_acceptance.json``
+  (``make bench-token-acceptance``: every rule's acceptance vs K on the same (p, q) pairs);
 * ``dynamic_trees/``: ``calibration`` (figure + CSV: empirical acceptance vs node value) and
   ``dynamic_trees.{md,csv}`` (tokens per verify, proposer ms per step, auto budget) of eagle2/opt_tree/dyspec;
 * ``training/``: ``training_curves`` and ``training.{md,csv}`` from ``runs/train/<head>/summary.json``;
@@ -175,7 +176,7 @@ def build(run_root: str | Path = "runs", out: str | Path | None = None) -> list[
         written += sweep_figures(pd.concat([s for s in (stats, mat_only) if not s.empty]) if not mat_only.empty
                                  else stats, out)
         written += bench_figures.multidraft_outputs(df, out) + bench_figures.dyntree_outputs(df, out)
-    written += bench_figures.training_outputs(run_root, out)
+    written += bench_figures.training_outputs(run_root, out) + bench_figures.token_acceptance_outputs(run_root, out)
     written += cost_model(df, stats, run_root, out) if not df.empty else \
         (figures.latency_profiles([Profile.load(p) for p in sorted((run_root / "latency").glob("*.json"))],
                                   out / "cost_model") if list((run_root / "latency").glob("*.json")) else [])

@@ -32,7 +32,8 @@ from .figures import plt
 from .load import run_info
 from .tables import TASK_TITLES, TASKS, export_table, run_stats, summarize
 
-MULTIDRAFT = ("sps", "specinfer", "spectr", "khisti", "rsd")
+K_DRAFTS = ("specinfer", "spectr", "khisti")  # K i.i.d. drafts of length L: knobs k and length
+MULTIDRAFT = ("sps", *K_DRAFTS, "rsd")
 DYNAMIC_TREES = ("eagle2", "opt_tree", "dyspec")
 MD_KEYS = ["model", "drafter", "temperature", "top_p"]  # one multi-draft comparison per combination
 
@@ -91,7 +92,7 @@ def drafts_and_length(run: pd.Series) -> tuple[str, int, int]:
     proposer = run["proposer"]
     if proposer == "sps":
         return "sps", 1, int(get("gamma"))
-    if proposer in ("specinfer", "spectr", "khisti"):
+    if proposer in K_DRAFTS:
         return proposer, int(get("k")), int(get("length"))
     if get("tree") == "beam":
         return "rsd-s", int(get("beam_width")), int(get("depth"))
@@ -99,9 +100,20 @@ def drafts_and_length(run: pd.Series) -> tuple[str, int, int]:
     return "rsd", int(branching[0]), len(branching)
 
 
+def mat_standard_error(turns: pd.DataFrame) -> float:
+    """Standard error of the pooled MAT (a ratio: accepted tokens / steps) with each turn as one cluster -
+    steps within a turn are not independent - by the delta method."""
+    accepted, steps = turns["accept_lengths"].map(sum), turns["accept_lengths"].map(len)
+    n, mat = len(turns), accepted.sum() / steps.sum()
+    if n < 2:
+        return math.nan
+    return math.sqrt(n / (n - 1) * ((accepted - mat * steps) ** 2).sum()) / steps.sum()
+
+
 def multidraft_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, drafter, temperature, top_p, method, K, L): MAT overall and per task, pooled over
-    the steps of every run of that setting, with the verify steps and the number of runs."""
+    the steps of every run of that setting, its standard error (``mat_standard_error``), the verify steps and
+    the number of runs."""
     runs = df[is_multidraft(df)] if not df.empty else df
     if runs.empty:
         return pd.DataFrame()
@@ -117,6 +129,7 @@ def multidraft_table(df: pd.DataFrame) -> pd.DataFrame:
         pooled = g.groupby("task")[["accepted", "steps"]].sum()
         row = dict(zip(keys, vals))
         row["MAT"] = pooled.loc["overall", "accepted"] / pooled.loc["overall", "steps"]
+        row["MAT se"] = mat_standard_error(runs[runs["run"].isin(set(g["run"]))])
         row.update({f"MAT {TASK_TITLES[t]}": pooled.loc[t, "accepted"] / pooled.loc[t, "steps"] if t in pooled.index
                     else math.nan for t in TASKS})
         row["steps"] = int(pooled.loc["overall", "steps"])
@@ -128,21 +141,27 @@ def multidraft_table(df: pd.DataFrame) -> pd.DataFrame:
 def multidraft_ordering(table: pd.DataFrame) -> pd.DataFrame:
     """For each (K, L) (and model, drafter, sampling): MAT of spectr, specinfer and sps at the same L, and
     whether the papers' ordering MAT(spectr) >= MAT(specinfer) >= MAT(sps) holds (NaN when a method is
-    missing); ``violated`` names the pair that breaks it."""
+    missing); ``violated`` names the pair that breaks it, and ``z <pair>`` is each difference over its
+    standard error (a violation with z > -2 is within the noise of the runs)."""
     if table.empty:
         return pd.DataFrame()
     keys = [c for c in MD_KEYS if c in table]
-    mat = table.set_index(keys + ["method", "K", "L"])["MAT"]
+    indexed = table.set_index(keys + ["method", "K", "L"])
+    mat = indexed["MAT"]
+    se = indexed["MAT se"] if "MAT se" in indexed else pd.Series(math.nan, index=indexed.index)
     rows = []
     for vals, g in table[table["method"].isin(["spectr", "specinfer"])].groupby(keys + ["K", "L"], dropna=False):
         setting, (k, length) = tuple(vals[:-2]), vals[-2:]
-        pick = lambda m, kk: mat.get(setting + (m, kk, length), math.nan)  # noqa: E731
-        spectr, specinfer, sps = pick("spectr", k), pick("specinfer", k), pick("sps", 1)
+        at = {m: setting + (m, kk, length) for m, kk in (("spectr", k), ("specinfer", k), ("sps", 1))}
+        spectr, specinfer, sps = (mat.get(at[m], math.nan) for m in ("spectr", "specinfer", "sps"))
         pairs = {"spectr < specinfer": spectr < specinfer, "specinfer < sps": specinfer < sps}
+        z = lambda hi, lo: (mat.get(at[hi], math.nan) - mat.get(at[lo], math.nan)) / math.hypot(  # noqa: E731
+            se.get(at[hi], math.nan), se.get(at[lo], math.nan))
         known = not any(math.isnan(x) for x in (spectr, specinfer, sps))
         rows.append({**dict(zip(keys, setting)), "K": k, "L": length, "spectr": spectr, "specinfer": specinfer,
                      "sps": sps, "holds": (not any(pairs.values())) if known else math.nan,
-                     "violated": ", ".join(p for p, bad in pairs.items() if bad)})
+                     "violated": ", ".join(p for p, bad in pairs.items() if bad),
+                     "z spectr-specinfer": z("spectr", "specinfer"), "z specinfer-sps": z("specinfer", "sps")})
     return pd.DataFrame(rows)
 
 
@@ -306,10 +325,46 @@ def multidraft_outputs(df: pd.DataFrame, out: Path) -> list[Path]:
         written += mat_vs_drafts(part, d)
         print(f"\nmulti-draft MAT ({', '.join(f'{k}={v}' for k, v in zip(MD_KEYS, vals))})\n"
               f"{part.drop(columns=[c for c in MD_KEYS if c in part]).to_markdown(index=False, floatfmt='.3f')}")
+        shown = ["K", "L", "spectr", "specinfer", "sps", "holds", "violated", "z spectr-specinfer", "z specinfer-sps"]
         print(f"ordering MAT(spectr) >= MAT(specinfer) >= MAT(sps), per (K, L):\n"
-              f"{order[['K', 'L', 'spectr', 'specinfer', 'sps', 'holds', 'violated']].to_markdown(index=False, floatfmt='.3f')}"
+              f"{order[shown].to_markdown(index=False, floatfmt='.3f')}"
               if not order.empty else "ordering: no (K, L) with both spectr and specinfer")
     return written
+
+
+def token_acceptance_figure(report: dict, out_dir: str | Path, name: str = "token_acceptance") -> list[Path]:
+    """Token-level acceptance vs drafts K per rule on the same (p, q) pairs (``specdec.token_acceptance``),
+    with +-1 standard error (Khisti et al.'s table as a figure)."""
+    table = pd.DataFrame(report["rows"])
+    fig, ax = plt.subplots(figsize=(4.2, 3.0))
+    for i, rule in enumerate(("specinfer", "spectr", "khisti", "rsd")):
+        ax.errorbar(table["K"], table[rule], yerr=table[f"{rule} se"], marker="o", capsize=2, color=f"C{i}",
+                    label={"specinfer": "SpecInfer (SpS at K = 1)", "spectr": "SpecTr K-SEQ",
+                           "khisti": f"Khisti IS (top-{report['top_m']} q)", "rsd": "RSD (w/o replacement)"}[rule])
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(table["K"], [str(k) for k in table["K"]])
+    ax.minorticks_off()
+    ax.set_xlabel("drafts K")
+    ax.set_ylabel("P(a draft is accepted)")
+    ax.set_title(f"{report['model']}, {report['drafter']}, T = {report['temperature']}: {report['pairs']} pairs",
+                 fontsize=8)
+    ax.legend(fontsize=7, frameon=False)
+    return figures.save(fig, out_dir, name)
+
+
+def token_acceptance_outputs(run_root: Path, out: Path) -> list[Path]:
+    path = run_root / "bench" / "token_acceptance.json"
+    if not path.exists():
+        note("no runs/bench/token_acceptance.json (make bench-token-acceptance): token_acceptance skipped")
+        return []
+    report = json.loads(path.read_text())
+    d = out / "multidraft"
+    d.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(report["rows"])
+    (d / "token_acceptance.md").write_text(table.to_markdown(index=False, floatfmt=".4f") + "\n")
+    table.to_csv(d / "token_acceptance.csv", index=False)
+    print(f"\ntoken-level acceptance on {report['pairs']} (p, q) pairs\n{table.to_markdown(index=False, floatfmt='.4f')}")
+    return [d / "token_acceptance.md", d / "token_acceptance.csv"] + token_acceptance_figure(report, d)
 
 
 def dyntree_outputs(df: pd.DataFrame, out: Path) -> list[Path]:

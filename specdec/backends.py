@@ -24,8 +24,10 @@ baseline and every method share one ``Target`` and so one back end: paired ratio
   any size); on CPU with inductor's ``freezing`` (weights constant-folded and prepacked), on CUDA
   the default mode (CUDA graphs need a static cache, which ``Target.commit`` cannot compact: not
   used). ``Runner`` compiles through ``warm`` before anything is timed and logs how long it took.
-  Experimental: not measured here - on the shared, overloaded 2-core machine even a 2-layer tiny
-  model's compile did not finish within 25 minutes - and tested only under the ``gpu`` marker.
+  Measured on the AVX2 EPYC (2 threads, quiet machine): 346 s of compiling; t(1) 54.5 ms against onednn's
+  50.3 and eager's 60.8, t(16)/t(1) 1.29 against 1.62 and 1.79; greedy output identical. Not the CPU
+  default: one-token steps are no faster than onednn's and every process pays the compile. Its tests run
+  under the ``gpu`` marker (a CPU compile takes minutes).
 * ``auto``   - ``onednn`` on CPU where oneDNN supports the dtype (measured fastest path whose fp32 greedy
   output stays identical to AR), else ``eager``; ``eager`` on CUDA (fp16 cuBLAS GEMMs already keep
   t(N) flat for small N there, and Spec-Bench's numbers are eager).
@@ -40,7 +42,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -183,9 +184,21 @@ def apply_backend(model: nn.Module, name: str) -> nn.Module:
             import torch._inductor.config as inductor_config
 
             inductor_config.freezing = True  # constant-fold + prepack the (frozen) weights
-        model.forward = torch.compile(model.forward, dynamic=True)
+        model.forward = _as_inference_inputs(torch.compile(model.forward, dynamic=True))
         log.info("backend compile: torch.compile(dynamic=True) on %s; compiles during warm-up", device.type)
     return model
+
+
+def _as_inference_inputs(forward):
+    """Under inference mode, pass tensors made outside it (a draft tree's tokens) as inference tensors: dynamo
+    guards on the dispatch keys, which differ between the two kinds, and would otherwise compile each graph
+    twice (seen: a 2-minute recompile inside a timed step). The copies are a few token ids."""
+    def call(*args, **kwargs):
+        if torch.is_inference_mode_enabled():
+            kwargs = {k: v.clone() if isinstance(v, torch.Tensor) and not v.is_inference() else v
+                      for k, v in kwargs.items()}
+        return forward(*args, **kwargs)
+    return call
 
 
 def backend_of(model: nn.Module) -> str:
@@ -195,15 +208,20 @@ def backend_of(model: nn.Module) -> str:
 def warm(target, sizes=(1, 2, 4, 8, 16)) -> float:
     """Run untimed verify forwards of chain trees of ``sizes`` (compiles / allocates); returns seconds.
 
-    Leaves the target without a cache. For ``compile`` the first calls take long (logged)."""
+    Every size meets the three cache layouts of a generation, on which ``compile`` specialises the strides
+    (seen: 1-2 minute recompiles inside timed steps): the transposed view a prefill leaves, the contiguous
+    cache an appended step leaves, and the view a rejected tree's crop leaves. Leaves the target without a
+    cache. For ``compile`` the first calls take long (logged)."""
     from .tree import DraftTree
 
     start = time.perf_counter()
-    ids = list(range(10, 10 + 16 + max(sizes)))
-    target.prefill(ids[:17])
+    ids = list(range(10, 10 + 16 + 2 * max(sizes)))
     for n in sizes:
-        target.score(DraftTree.chain(ids[16], ids[17:16 + n], device=target.device))
-        target.cache.crop(-n)
+        target.prefill(ids[:17])
+        for _ in range(2):  # after the prefill, after an append; after a crop, after an append
+            target.score(DraftTree.chain(ids[16], ids[17:16 + n], device=target.device))
+            target.score(DraftTree.chain(ids[16 + n], ids[17 + n:16 + 2 * n], device=target.device))
+            target.cache.crop(-n)
     target.cache = None
     seconds = time.perf_counter() - start
     log.info("backend %s warm-up (%s tokens per forward): %.1f s", backend_of(target.model), list(sizes), seconds)
@@ -228,7 +246,7 @@ def main(argv=None) -> dict:
     from .models import load_model
     from .prompts import PromptBuilder, stop_ids
     from .proposer import MethodEnv, Proposer
-    from .results import write_json
+    from .results import write_report
     from .target import Target
     from .tree import DraftTree
     from tasks import load_questions
@@ -302,10 +320,7 @@ def main(argv=None) -> dict:
                      "ar_equals_generate": all(a == b[:len(a)] for a, b in zip(outputs[name], outputs["generate"]))})
     report = {"threads": torch.get_num_threads(), "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
               "generate_tokens_per_s": gen_rate, "bf16_native": cpu_has_native_bf16(), "rows": rows}
-    write_json(Path(args.out), report)
-    import pandas as pd
-
-    print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3f"))
+    write_report(args.out, report, rows)
     print(f"generate (eager fp32): {gen_rate:.2f} tok/s, {torch.get_num_threads()} threads -> {args.out}")
     return report
 

@@ -92,6 +92,17 @@ class Drafter(ABC):
         out = self._forward(ids, positions, mask, last_only=not want_logits)
         return self._logits(out) if want_logits else None
 
+    @torch.inference_mode()
+    def teacher_forced(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Raw draft logits float32 [n, V] after each of ``tokens`` in one forward from an empty cache: q along
+        a known text (``specdec.token_acceptance``). Ends any generation in progress (the cache is reset)."""
+        if self.wants_hidden:
+            raise UserError(f"drafter {self.kind!r} reads the target's features: teacher forcing it is not wired")
+        self._reset()
+        logits = self._forward_chain(list(tokens), want_logits=True)
+        self._reset()
+        return logits
+
     def stats(self) -> dict:
         return {"drafter": self.kind, "draft_forwards": self.forwards}
 

@@ -200,6 +200,16 @@ def format_table(tasks: dict) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def write_report(path: str | Path, report: dict, rows: list[dict], floatfmt: str = ".3f") -> None:
+    """A benchmark's report: JSON at ``path`` (its folder made), and ``rows`` printed as a markdown table."""
+    import pandas as pd
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, report)
+    print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=floatfmt))
+
+
 def write_json(path: Path, obj: dict) -> None:
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -229,7 +229,7 @@ def _shard_layers(path: Path) -> set[int] | None:
     """The layers whose states a cached shard holds (None: no shard)."""
     if not path.exists():
         return None
-    return {int(k[5:]) for k in torch.load(path, map_location="cpu")[0] if k.startswith("layer")}
+    return {int(k[5:]) for k in torch.load(path, map_location="cpu", mmap=True)[0] if k.startswith("layer")}
 
 
 def load_teacher(directory: Path, n: int) -> list[dict]:

@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from conftest import EMBEDDED, LOSSLESS_NEW_TOKENS, method_env, run_generation, tiny_llama
-from specdec.backends import (PackedLinear, apply_backend, backend_of, one_row_kernels, onednn_supports, pack_linears,
-                              resolve_backend, warm)
+from specdec.backends import (PackedLinear, _as_inference_inputs, apply_backend, backend_of, one_row_kernels,
+                              onednn_supports, pack_linears, resolve_backend, warm)
 from specdec.drafter import build_drafter
 from specdec.errors import UserError
 from specdec.models import load_model
@@ -105,6 +105,23 @@ def test_tree_logits_equal_paths_on_each_backend(backend):
 def test_warm_leaves_no_cache():
     target = Target(apply_backend(tiny_llama(), "onednn"))
     assert warm(target, sizes=(1, 3)) >= 0 and target.cache is None
+
+
+def test_compiled_forward_gets_inference_tensors_under_inference_mode():
+    """compile's wrapper: a tensor made outside inference mode reaches the compiled forward as an inference
+    tensor (one dispatch-key set, one graph), equal in value; outside inference mode nothing changes."""
+    seen = []
+    forward = _as_inference_inputs(lambda **kw: seen.append(kw) or kw["input_ids"].sum())
+    ids, mask = torch.tensor([[3, 4, 5]]), None
+    with torch.inference_mode():
+        assert forward(input_ids=ids, attention_mask=mask, use_cache=True) == 12
+        made_inside = torch.tensor([[1]])
+        forward(input_ids=made_inside)
+    assert seen[0]["input_ids"].is_inference() and torch.equal(seen[0]["input_ids"], ids) and not ids.is_inference()
+    assert seen[0]["attention_mask"] is None and seen[0]["use_cache"] is True
+    assert seen[1]["input_ids"] is made_inside  # already an inference tensor: passed as is
+    forward(input_ids=ids)
+    assert seen[2]["input_ids"] is ids
 
 
 # --------------------------------------------------------------------------- real SmolLM2 prompts

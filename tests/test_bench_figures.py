@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -14,6 +15,7 @@ import yaml
 from analysis import bench_figures as bf
 from analysis import load_runs
 from analysis.__main__ import build
+from specdec.token_acceptance import summarize as summarize_acceptance
 
 # question -> (task, category); accept lengths are chosen per run, one turn per question
 QUESTIONS = {81: ("mt_bench", "writing"), 161: ("translation", "translation"), 321: ("qa", "qa")}
@@ -91,6 +93,9 @@ def test_multidraft_table_reads_k_and_l_of_every_knob_style(multidraft_root):
     assert (row["MAT MT-bench"], row["MAT Translation"], row["MAT QA"]) == (3, 4, 2)
     assert math.isnan(row["MAT RAG"])
     assert set(table["temperature"]) == {1.0} and set(table["drafter"]) == {"eagle"}
+    # turns (5, 1 / 4 / 2, 2, 2): accepted 6, 4, 6 in 2, 1, 3 steps around MAT 16/6
+    resid = [6 - 16 / 6 * 2, 4 - 16 / 6, 6 - 16 / 6 * 3]
+    assert row["MAT se"] == pytest.approx(math.sqrt(1.5 * sum(r * r for r in resid)) / 6)
 
 
 def test_multidraft_ordering_flags_a_violation():
@@ -105,6 +110,23 @@ def test_multidraft_ordering_flags_a_violation():
     assert math.isnan(order.loc[(2, 4), "holds"]) and order.loc[(2, 4), "sps"] != order.loc[(2, 4), "sps"]
     table.loc[table["method"] == "sps", "MAT"] = 2.55  # now specinfer (2.5) < sps at K = 2
     assert bf.multidraft_ordering(table).set_index(["K", "L"]).loc[(2, 2), "violated"] == "specinfer < sps"
+
+
+def test_mat_standard_error_treats_turns_as_clusters():
+    turns = lambda *lengths: pd.DataFrame({"accept_lengths": list(lengths)})  # noqa: E731
+    # MAT 8/6; turn residuals 4 - 8/6 * 2 = 4/3 and 4 - 8/6 * 4 = -4/3 -> sqrt(2 * 32/9) / 6 = 4/9
+    assert bf.mat_standard_error(turns([2, 2], [1, 1, 1, 1])) == pytest.approx(4 / 9)
+    assert bf.mat_standard_error(turns([2, 2], [3, 1], [1, 3])) == 0  # every turn at the pooled MAT
+    assert math.isnan(bf.mat_standard_error(turns([2, 2])))
+
+
+def test_multidraft_ordering_puts_each_gap_over_its_standard_error():
+    table = pd.DataFrame([
+        {"model": "m", "drafter": "d", "temperature": 1.0, "top_p": 1.0, "method": m, "K": k, "L": 2, "MAT": v,
+         "MAT se": e} for m, k, v, e in [("sps", 1, 2.0, 0.03), ("specinfer", 2, 2.5, 0.04), ("spectr", 2, 2.45, 0.03)]])
+    row = bf.multidraft_ordering(table).iloc[0]
+    assert row["violated"] == "spectr < specinfer" and row["z spectr-specinfer"] == pytest.approx(-1.0)
+    assert row["z specinfer-sps"] == pytest.approx(10.0)
 
 
 def test_make_figures_writes_and_prints_the_multidraft_comparison(multidraft_root, tmp_path, capsys):
@@ -218,3 +240,18 @@ def test_true_false_knob_is_not_a_sweep_axis(tmp_path, capsys):
     assert "no numeric method knob varies" in capsys.readouterr().out
     mat = pd.read_csv(tmp_path / "out" / "sweeps" / "reuse" / "mat_by_task.csv", index_col=0)
     assert set(mat.index) == {"kangaroo (reuse_shallow=True)", "kangaroo (reuse_shallow=False)"}
+
+
+def test_make_figures_writes_the_token_acceptance_table_and_figure(tmp_path, capsys):
+    rates = {rule: np.array([[0.30, 0.40], [0.20, 0.35], [0.25, 0.30]]) + shift
+             for rule, shift in (("specinfer", 0.0), ("spectr", 0.01), ("khisti", 0.02), ("rsd", 0.005))}
+    report = {"model": "tiny", "drafter": "kangaroo", "temperature": 1.0, "top_m": 10, "pairs": 3,
+              "rows": summarize_acceptance(rates, np.array([0, 1, 2]), [1, 2])}
+    (tmp_path / "runs" / "bench").mkdir(parents=True)
+    (tmp_path / "runs" / "bench" / "token_acceptance.json").write_text(json.dumps(report))
+    written = build(tmp_path / "runs", tmp_path / "out")
+    names = {p.relative_to(tmp_path / "out").as_posix() for p in written}
+    assert {"multidraft/token_acceptance.md", "multidraft/token_acceptance.png"} <= names
+    table = pd.read_csv(tmp_path / "out" / "multidraft" / "token_acceptance.csv")
+    assert table["spectr-specinfer"].tolist() == pytest.approx([0.01, 0.01])
+    assert "token-level acceptance on 3 (p, q) pairs" in capsys.readouterr().out
