@@ -171,11 +171,12 @@ def mat_vs_drafts(table: pd.DataFrame, out_dir: str | Path, name: str = "mat_vs_
     lengths = sorted(table["L"].unique())
     fig, axes = plt.subplots(1, len(lengths), figsize=(3.4 * len(lengths), 3.0), squeeze=False, sharey=True)
     ks = sorted(table["K"].unique())
+    colors = {m: f"C{i}" for i, m in enumerate(sorted(set(table["method"]) - {"sps"}))}  # one colour per method
     for ax, length in zip(axes[0], lengths):
         part = table[table["L"] == length]
-        for i, (method, rows) in enumerate(part[part["method"] != "sps"].groupby("method", sort=True)):
+        for method, rows in part[part["method"] != "sps"].groupby("method", sort=True):
             rows = rows.sort_values("K")
-            ax.plot(rows["K"], rows["MAT"], marker="o", color=f"C{i}", label=method)
+            ax.plot(rows["K"], rows["MAT"], marker="o", color=colors[method], label=method)
         sps = part[part["method"] == "sps"]
         if len(sps):
             ax.scatter(sps["K"], sps["MAT"], marker="*", s=120, color="black", zorder=3, label="sps")
@@ -185,7 +186,8 @@ def mat_vs_drafts(table: pd.DataFrame, out_dir: str | Path, name: str = "mat_vs_
         ax.set_xlabel("drafts K")
         ax.set_title(f"L = {length}")
     axes[0, 0].set_ylabel("MAT (block efficiency)")
-    axes[0, 0].legend(fontsize=7, frameon=False)
+    handles = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels())}  # every panel's
+    axes[0, 0].legend(handles.values(), handles.keys(), fontsize=7, frameon=False)
     return figures.save(fig, out_dir, name)
 
 

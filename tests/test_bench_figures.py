@@ -255,3 +255,18 @@ def test_make_figures_writes_the_token_acceptance_table_and_figure(tmp_path, cap
     table = pd.read_csv(tmp_path / "out" / "multidraft" / "token_acceptance.csv")
     assert table["spectr-specinfer"].tolist() == pytest.approx([0.01, 0.01])
     assert "token-level acceptance on 3 (p, q) pairs" in capsys.readouterr().out
+
+
+def test_mat_vs_drafts_keeps_one_colour_per_method_and_a_legend_of_all(monkeypatch, tmp_path):
+    rows = [("specinfer", 2, 2), ("spectr", 2, 2), ("rsd", 2, 4), ("specinfer", 2, 4), ("spectr", 2, 4), ("sps", 1, 2)]
+    table = pd.DataFrame([{"method": m, "K": k, "L": length, "MAT": 1.5} for m, k, length in rows])
+    shown = []
+    monkeypatch.setattr(bf.figures, "save", lambda fig, out_dir, name: shown.append(fig) or [])
+    bf.mat_vs_drafts(table, tmp_path)
+    colour = {}
+    for ax in shown[0].axes:
+        for line in ax.get_lines():
+            assert colour.setdefault(line.get_label(), line.get_color()) == line.get_color()
+    assert len(set(colour.values())) == 3  # rsd, specinfer, spectr: three colours, the same in both panels
+    legend = [t.get_text() for t in shown[0].axes[0].get_legend().get_texts()]
+    assert set(legend) == {"rsd", "specinfer", "spectr", "sps"}

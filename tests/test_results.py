@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from specdec.results import AnswerFile, aggregate, format_table, summarize
+from specdec.results import AnswerFile, aggregate, format_table, summarize, write_report
 
 
 def record(qid, task, new_tokens, wall_time, accept_lengths, base_tokens, base_wall, identical=True, drafts=(0.0,)):
@@ -75,3 +75,11 @@ def test_console_table_shows_proposer_ms():
     rec["choices"][0].update(step_draft_time=[0.002] * 4, step_update_time=[0.0] * 4, step_device_time=[0.0] * 4)
     table = format_table(summarize([rec], ["qa"]))
     assert "prop. ms" in table.splitlines()[0] and "2.000" in table.splitlines()[2]
+
+
+def test_write_report_makes_its_folder_writes_json_and_prints_the_rows(tmp_path, capsys):
+    path = tmp_path / "bench" / "new" / "report.json"        # a fresh checkout has no runs/bench/
+    write_report(path, {"rows": [{"K": 2, "rate": 0.3125}]}, [{"K": 2, "rate": 0.3125}], floatfmt=".2f")
+    assert json.loads(path.read_text()) == {"rows": [{"K": 2, "rate": 0.3125}]}
+    out = capsys.readouterr().out
+    assert "|    K |   rate |" in out and "0.31 |" in out and "0.3125" not in out
