@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from specdec.results import clustered_ratio_se
+
 from . import figures
 from .figures import plt
 from .load import run_info
@@ -103,11 +105,7 @@ def drafts_and_length(run: pd.Series) -> tuple[str, int, int]:
 def mat_standard_error(turns: pd.DataFrame) -> float:
     """Standard error of the pooled MAT (a ratio: accepted tokens / steps) with each turn as one cluster -
     steps within a turn are not independent - by the delta method."""
-    accepted, steps = turns["accept_lengths"].map(sum), turns["accept_lengths"].map(len)
-    n, mat = len(turns), accepted.sum() / steps.sum()
-    if n < 2:
-        return math.nan
-    return math.sqrt(n / (n - 1) * ((accepted - mat * steps) ** 2).sum()) / steps.sum()
+    return clustered_ratio_se(turns["accept_lengths"].map(sum), turns["accept_lengths"].map(len))
 
 
 def multidraft_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -338,11 +336,12 @@ def token_acceptance_figure(report: dict, out_dir: str | Path, name: str = "toke
     """Token-level acceptance vs drafts K per rule on the same (p, q) pairs (``specdec.token_acceptance``),
     with +-1 standard error (Khisti et al.'s table as a figure)."""
     table = pd.DataFrame(report["rows"])
+    labels = {"specinfer": "SpecInfer (SpS at K = 1)", "spectr": "SpecTr K-SEQ",
+              "khisti": f"Khisti IS (top-{report['top_m']} q)", "rsd": "RSD (w/o replacement)"}
     fig, ax = plt.subplots(figsize=(4.2, 3.0))
-    for i, rule in enumerate(("specinfer", "spectr", "khisti", "rsd")):
+    for i, (rule, label) in enumerate(labels.items()):
         ax.errorbar(table["K"], table[rule], yerr=table[f"{rule} se"], marker="o", capsize=2, color=f"C{i}",
-                    label={"specinfer": "SpecInfer (SpS at K = 1)", "spectr": "SpecTr K-SEQ",
-                           "khisti": f"Khisti IS (top-{report['top_m']} q)", "rsd": "RSD (w/o replacement)"}[rule])
+                    label=label)
     ax.set_xscale("log", base=2)
     ax.set_xticks(table["K"], [str(k) for k in table["K"]])
     ax.minorticks_off()

@@ -16,18 +16,20 @@ baseline and every method share one ``Target`` and so one back end: paired ratio
   cost. One-token forwards (AR, prefill-free steps) take, per weight shape, whichever kernel was
   faster when the model was loaded (``tune_one_row``, at the run's thread count): on the AVX2 EPYC
   at 2 threads oneDNN won for the 1536x576 MLP matrices (1.6x), the LM head (1.8x) and, narrowly, the
-  576x576 ones, MKL's GEMV for the rest; at 1 thread MKL won everywhere. The choice is logged and recorded (``one_row_kernels``
-  in ``summary.env`` and latency profiles). fp32; bf16 where
-  oneDNN supports it on this CPU (``onednn_supports``: AVX512-BF16/AVX-NE-CONVERT or AVX512BW).
+  576x576 ones, MKL's GEMV for the rest; at 1 thread runs picked MKL for every shape, or oneDNN for the
+  LM head and at times the 1536x576 ones (the choice follows the timing of the moment). It is logged and
+  recorded (``one_row_kernels`` in ``summary.env`` and latency profiles). fp32; bf16 where oneDNN
+  supports it on this CPU (``onednn_supports``: AVX512-BF16/AVX-NE-CONVERT or AVX512BW).
   Cost: the weights are held twice (original + packed), e.g. 1.08 GB instead of 0.54 GB for SmolLM2.
 * ``compile`` - ``torch.compile`` of the model's forward with dynamic shapes (growing cache, trees of
   any size); on CPU with inductor's ``freezing`` (weights constant-folded and prepacked), on CUDA
   the default mode (CUDA graphs need a static cache, which ``Target.commit`` cannot compact: not
   used). ``Runner`` compiles through ``warm`` before anything is timed and logs how long it took.
-  Measured on the AVX2 EPYC (2 threads, quiet machine): 346 s of compiling; t(1) 54.5 ms against onednn's
-  50.3 and eager's 60.8, t(16)/t(1) 1.29 against 1.62 and 1.79; greedy output identical. Not the CPU
-  default: one-token steps are no faster than onednn's and every process pays the compile. Its tests run
-  under the ``gpu`` marker (a CPU compile takes minutes).
+  Measured on the AVX2 EPYC (2 threads, quiet machine, two runs): 346 / 689 s of compiling; t(1) 54.5 /
+  63.8 ms against onednn's 50.3 / 65.2; t(16)/t(1) 1.29 / 1.38 against 1.62 / 1.69; once compiled, AR at
+  1.21x ``generate`` against onednn's 1.11x; greedy output identical. Not the CPU default: every process
+  pays minutes of compiling, longer than a ``spec_bench_mini`` run decodes. Its tests run under the ``gpu``
+  marker (a CPU compile takes minutes).
 * ``auto``   - ``onednn`` on CPU where oneDNN supports the dtype (measured fastest path whose fp32 greedy
   output stays identical to AR), else ``eager``; ``eager`` on CUDA (fp16 cuBLAS GEMMs already keep
   t(N) flat for small N there, and Spec-Bench's numbers are eager).

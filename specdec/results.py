@@ -22,6 +22,7 @@ Keys are snake_case and form a contract that ``analysis/`` reads (SCHEMA_VERSION
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import uuid
@@ -198,6 +199,18 @@ def format_table(tasks: dict) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def clustered_ratio_se(numerators: Iterable[float], denominators: Iterable[float]) -> float:
+    """Standard error of the pooled ratio sum(numerators) / sum(denominators) when each (numerator,
+    denominator) pair is one cluster of correlated items (delta method), e.g. accepted tokens / verify steps
+    per turn. NaN with fewer than two clusters."""
+    a, s = list(map(float, numerators)), list(map(float, denominators))
+    n = len(a)
+    if n < 2:
+        return math.nan
+    ratio = sum(a) / sum(s)
+    return math.sqrt(n / (n - 1) * sum((x - ratio * y) ** 2 for x, y in zip(a, s))) / sum(s)
 
 
 def write_report(path: str | Path, report: dict, rows: list[dict], floatfmt: str = ".3f") -> None:

@@ -31,7 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from methods.khisti import truncate_top_m
+from methods.rsd import gumbel
+
 from .acceptance import Sampling, is_selection_law, kseq_rho, processed_probs, sampling_processors
+from .results import clustered_ratio_se
 
 log = logging.getLogger(__name__)
 
@@ -68,28 +72,20 @@ def accept_rsd(p: torch.Tensor, q: torch.Tensor, k: int, trials: int, generator:
     """RSD's recursive rule over k distinct draws from q without replacement (Gumbel top-k): the shipped
     ``Sampling._recursive``, ``trials`` times; the fraction of trials that accepted a draft."""
     rule = Sampling(sampling_processors(1.0), generator)
-    log_q = torch.log(q.double().clamp_min(1e-300))
-    support = int((q > 0).sum())
+    log_q, support = q.double().log(), int((q > 0).sum())
     accepted = 0
     for _ in range(trials):
-        gumbel = -torch.log(-torch.log(torch.rand(q.shape, generator=generator, dtype=torch.float64)))
-        drawn = torch.topk(log_q + gumbel, min(k, support)).indices.tolist()
+        drawn = torch.topk(log_q + gumbel(q.shape, generator), min(k, support)).indices.tolist()  # as methods/rsd.py
         tokens = [0] + drawn                                       # node 0 is the root, children 1..k
         child, _ = rule._recursive(p, q, list(range(1, len(tokens))), tokens)
         accepted += child is not None
     return accepted / trials
 
 
-def truncate_top_m(q: torch.Tensor, m: int) -> torch.Tensor:
-    """q [V] cut to its m largest entries and renormalised (Khisti et al.'s drafting alphabet)."""
-    values, index = q.topk(min(m, q.numel()))
-    return torch.zeros_like(q).scatter_(0, index, values / values.sum())
-
-
 def node_acceptance(p: torch.Tensor, q: torch.Tensor, ks: list[int], top_m: int, trials: int,
                     generator: torch.Generator) -> dict[str, list[float]]:
     """{rule: [P(accept) for k in ks]} at one node (p, q float32 [V])."""
-    q_top = truncate_top_m(q, top_m)
+    q_top = truncate_top_m(q, top_m)  # the top-M q methods/khisti.py draws from
     return {"specinfer": [accept_specinfer(p, q, k) for k in ks],
             "spectr": [accept_kseq(p, q, k) for k in ks],
             "khisti": [accept_is(p, q_top, k) for k in ks],
@@ -131,11 +127,8 @@ def pairs_along(model, drafter, prompt: list[int], continuation: list[int], temp
 def clustered_mean(values: np.ndarray, clusters: np.ndarray) -> tuple[float, float]:
     """Mean over pairs and its standard error with each text as one cluster (pairs along a text correlate)."""
     ids = np.unique(clusters)
-    n, mean = len(ids), float(values.mean())
-    if n < 2:
-        return mean, math.nan
-    totals = np.array([(values[clusters == c] - mean).sum() for c in ids])
-    return mean, float(math.sqrt(n / (n - 1) * (totals ** 2).sum()) / len(values))
+    return float(values.mean()), clustered_ratio_se([values[clusters == c].sum() for c in ids],
+                                                    [(clusters == c).sum() for c in ids])
 
 
 def summarize(rates: dict[str, np.ndarray], clusters: np.ndarray, ks: list[int]) -> list[dict]:

@@ -15,9 +15,9 @@ from conftest import tiny_llama
 from test_khisti import is_cases, is_first_token_counts, specinfer_acceptance
 from test_multidraft import first_token_counts
 
+from methods.khisti import truncate_top_m
 from specdec.drafter import EarlyExitDrafter
-from specdec.token_acceptance import (accept_is, accept_kseq, accept_rsd, accept_specinfer, clustered_mean,
-                                      summarize, truncate_top_m)
+from specdec.token_acceptance import accept_is, accept_kseq, accept_rsd, accept_specinfer, clustered_mean, summarize
 from specdec.tree import IID_KSEQ
 
 TRIALS = 6_000
