@@ -4,6 +4,8 @@ STAMP   := .venv/.installed
 BENCH_METHODS ?= recycle,recycle_cpu,lookahead,lookahead_cpu,pld,aded,aded_fast
 # torch threads for timed runs; run benchmarks alone on the machine (README: machine notes)
 BENCH_THREADS ?= 2
+# target back ends that bench-latency and bench-methods measure, each on its own (specdec/backends.py)
+BENCH_BACKENDS ?= onednn eager
 BENCH    := $(PY) run.py -m logger=none threads=$(BENCH_THREADS)
 # bench-sampling, -kangaroo, -dynamic and -multidraft run a quick slice by default (the first question of each
 # task: 7 turns, 64 new tokens each) so that all four fit in ~2 h on 2 cores; QUICK= runs all of spec_bench_mini.
@@ -30,8 +32,9 @@ test: install  ## the test suite (CPU, no network)
 
 bench: bench-latency bench-ar bench-pld bench-methods bench-lookahead-warm bench-recycle-sizes  ## every benchmark below (~1.5 h on 2 cores)
 
-bench-latency: install  ## one verify forward's latency for N = 1..128 tokens (cost model input) -> runs/latency/
-	$(PY) -m analysis.latency profile --threads $(BENCH_THREADS) --out runs/latency/cpu-smollm2-fp32-t$(BENCH_THREADS).json
+bench-latency: $(BENCH_BACKENDS:%=bench-latency-%)  ## one verify forward's latency for N = 1..128 tokens per back end (cost model input) -> runs/latency/
+bench-latency-%: install
+	$(PY) -m analysis.latency profile --backend $* --threads $(BENCH_THREADS) --out runs/latency/cpu-smollm2-fp32-$*-t$(BENCH_THREADS).json
 
 bench-ar: install  ## AR through the harness vs model.generate, interleaved -> runs/bench/ar_vs_generate.json
 	$(PY) -m specdec.bench --method ar --max-new-tokens 64 --rounds 2 --threads $(BENCH_THREADS)
@@ -39,8 +42,11 @@ bench-ar: install  ## AR through the harness vs model.generate, interleaved -> r
 bench-pld: install  ## our pld vs generate(prompt_lookup_num_tokens=10), interleaved -> runs/bench/pld_vs_generate.json
 	$(PY) -m specdec.bench --method pld --max-new-tokens 128 --rounds 2 --threads $(BENCH_THREADS)
 
-bench-methods: install  ## BENCH_METHODS paired with AR on spec_bench_mini -> runs/bench/methods/<n>/summary.json
-	$(BENCH) method=$(BENCH_METHODS) hydra.sweep.dir=runs/bench/methods
+# One process per back end: the model loads once and per question AR runs once beside every method (specdec.compare),
+# 128 new tokens as Spec-Bench's mini set. `make -j2 bench-methods BENCH_THREADS=1` runs the back ends side by side.
+bench-methods: $(BENCH_BACKENDS:%=bench-methods-%)  ## BENCH_METHODS beside one AR per question on spec_bench_mini, per back end -> runs/bench/methods/<backend>/
+bench-methods-%: install
+	$(PY) -m specdec.compare 'methods=[$(BENCH_METHODS)]' max_new_tokens=128 threads=$(BENCH_THREADS) backend=$* hydra.run.dir=runs/bench/methods/$*
 
 bench-lookahead-warm: install  ## lookahead_cpu with tries warm-started from ShareGPT answers -> runs/bench/lookahead_warm/
 	$(BENCH) method=lookahead_cpu method.warm_start=sharegpt hydra.sweep.dir=runs/bench/lookahead_warm

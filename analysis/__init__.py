@@ -12,7 +12,6 @@ Measure a latency profile and predict speedups from MAT: ``python -m analysis.la
 The notebooks in notebooks/ call these functions.
 """
 
-from .latency import Profile, check_predictions, predict_speedup, prediction_error
 from .load import find_run_dirs, knob_columns, load_runs, load_summaries
 from .tables import (TASK_ORDER, TASKS, add_labels, check_against_summaries, export_table, question_stats, run_stats,
                      spec_bench_table, speedup_stats, speedup_vs, split_ablations, summarize)
@@ -21,6 +20,19 @@ __all__ = ["Profile", "TASKS", "TASK_ORDER", "add_labels", "check_against_summar
            "default_run_root", "export_table", "find_run_dirs", "knob_columns", "load_runs", "load_summaries",
            "predict_speedup", "prediction_error", "question_stats", "run_stats", "spec_bench_table",
            "speedup_stats", "speedup_vs", "split_ablations", "summarize"]
+
+
+_LATENCY = ("Profile", "check_predictions", "predict_speedup", "prediction_error")
+
+
+def __getattr__(name: str):
+    """The cost model's names load on first use, so ``python -m analysis.latency`` runs a module not yet imported
+    (no runpy warning)."""
+    if name in _LATENCY:
+        from . import latency
+
+        return getattr(latency, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def default_run_root(repo_root=".") -> str:

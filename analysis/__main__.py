@@ -4,12 +4,12 @@
 
 What it writes (kinds of runs that are absent are skipped with a printed note):
 
-* ``<setting>/spec_bench.{md,tex,csv}``: the Spec-Bench table per (task set, model, device, dtype,
-  temperature); paired baselines, else the speedup against a separate AR run of the same model,
-  device and dtype; ``summary.csv`` holds every number; figures ``speedup_by_task``,
+* ``<setting>/spec_bench.{md,tex,csv}``: the Spec-Bench table per (task set, model, device, dtype, back end,
+  threads, temperature); paired baselines, else the speedup against a separate AR run of the same model,
+  device, dtype and back end; ``summary.csv`` holds every number; figures ``speedup_by_task``,
   ``speedup_vs_mat``, ``accept_lengths`` (PNG + PDF);
-* ``<setting>/mat_by_task.{md,tex,csv}``: MAT per Spec-Bench task (settings also split by top_p / top_k when
-  they are not 1.0 / 0, e.g. ``..._temp0.7_top_p0.95``);
+* ``<setting>/mat_by_task.{md,tex,csv}``: MAT per Spec-Bench task (the back end, top_p and top_k are named in
+  ``<setting>`` when they are not eager / 1.0 / 0, e.g. ``..._float32_onednn_1thr_temp0.7_top_p0.95``);
 * ``sweeps/<multirun>/``: table, ``mat_by_task`` and ``sweep_<knob>`` (MAT and speedup vs every numeric knob
   that varies; the MAT panel alone for runs without a speedup, e.g. ``baseline=none``);
 * ``multidraft/``: MAT vs drafts K and length L of sps/specinfer/spectr/rsd sampled without a baseline
@@ -39,7 +39,7 @@ from .load import find_run_dirs, load_runs, load_summaries, sweep_axes
 from .tables import (add_labels, check_against_summaries, export_table, spec_bench_table, speedup_stats,
                      split_ablations, summarize)
 
-GROUP = ["task_set", "model", "device", "dtype", "threads", "temperature", "top_p", "top_k"]
+GROUP = ["task_set", "model", "device", "dtype", "backend", "threads", "temperature", "top_p", "top_k"]
 
 
 def note(msg: str) -> None:
@@ -67,9 +67,11 @@ def main_tables(df: pd.DataFrame, stats: pd.DataFrame, out: Path) -> list[Path]:
         note("no single (non-multirun) runs with a speedup: Spec-Bench table skipped")
         return written
     for vals, group in main.groupby(GROUP, dropna=False, sort=True):
-        task_set, model, device, dtype, threads, temperature, top_p, top_k = vals
-        # top_p / top_k named only when they act, so greedy settings keep their old directory names
-        name = slug(task_set, model, device, dtype, f"{threads}thr", f"temp{temperature}",
+        task_set, model, device, dtype, backend, threads, temperature, top_p, top_k = vals
+        # the back end, top_p and top_k named only when they differ from the old default / act, so eager greedy
+        # settings keep their old directory names
+        name = slug(task_set, model, device, dtype, *([backend] if backend != "eager" else []), f"{threads}thr",
+                    f"temp{temperature}",
                     *([f"top_p{top_p}"] if top_p not in (None, 1, 1.0) and pd.notna(top_p) else []),
                     *([f"top_k{top_k}"] if top_k not in (None, 0) and pd.notna(top_k) else []))
         d = out / name
@@ -81,7 +83,8 @@ def main_tables(df: pd.DataFrame, stats: pd.DataFrame, out: Path) -> list[Path]:
         written += export_table(mat, d / "mat_by_task", f"MAT per task, {name}")
         summary.to_csv(d / "summary.csv", index=False)
         written.append(d / "summary.csv")
-        written += figures.speedup_bars(summary, d, title=f"{vals[1]} on {vals[2]} ({dtype}, threads={threads})")
+        title = f"{model} on {device} ({dtype}, {backend}, threads={threads})"
+        written += figures.speedup_bars(summary, d, title=title)
         written += figures.speedup_vs_mat(summary, d)
         rows = df[df["run"].isin(group["run"]) & (df["proposer"] != "ar")]
         if rows.empty:
@@ -103,7 +106,7 @@ def sweep_figures(stats: pd.DataFrame, out: Path) -> list[Path]:
         summary = summarize(group)
         written += export_table(spec_bench_table(summary), d / "spec_bench")
         written += bench_figures.sweep_mat_tables(group, d)
-        varying = [k for k in sweep_axes(group) if group[k].astype(str).nunique() > 1
+        varying = [k for k in sweep_axes(group) if group[k].astype(str).nunique(dropna=False) > 1
                    and group[k].map(lambda v: not isinstance(v, bool)).all()  # true/false is not an axis
                    and pd.to_numeric(group[k], errors="coerce").notna().all()]
         if not varying:

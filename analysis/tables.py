@@ -150,7 +150,7 @@ def _order_tasks(stats: pd.DataFrame) -> pd.DataFrame:
 
 
 def speedup_vs(runs: pd.DataFrame, baseline_runs: pd.DataFrame,
-               match: Sequence[str] = ("model", "device", "dtype")) -> pd.DataFrame:
+               match: Sequence[str] = ("model", "device", "dtype", "backend")) -> pd.DataFrame:
     """Per run x task figures with the speedup taken against separate baseline (AR) runs.
 
     Each method run is compared with the baseline runs that agree on ``match``. As in Spec-Bench's
@@ -208,7 +208,8 @@ def _vs_rows(mq: pd.DataFrame, bqs: list[pd.DataFrame], run: str, bases: list[st
     return rows
 
 
-def speedup_stats(df: pd.DataFrame, match: Sequence[str] = ("model", "device", "dtype")) -> pd.DataFrame:
+def speedup_stats(df: pd.DataFrame,
+                  match: Sequence[str] = ("model", "device", "dtype", "backend")) -> pd.DataFrame:
     """Per run x task figures for every run that has a speedup: against its paired baseline when it
     has one, else against the AR runs (``proposer == "ar"``; their own figures) matching on ``match``.
     Runs with neither are left out with a warning."""
@@ -236,7 +237,7 @@ def split_ablations(stats: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     knobs = sweep_axes(stats)
     ablation = set()
     for (_, _), g in stats[stats["sweep"].notna()].groupby(["sweep", "method"]):
-        if any(g[k].astype(str).nunique() > 1 for k in knobs):
+        if any(g[k].astype(str).nunique(dropna=False) > 1 for k in knobs):
             ablation.update(g["run"])
     is_ablation = stats["run"].isin(ablation)
     return stats[~is_ablation], stats[is_ablation]
@@ -258,7 +259,7 @@ def add_labels(frame: pd.DataFrame, key: Sequence[str] | None = None) -> pd.Data
     key = [c for c in (key or setting_key(frame)) if c != "method"]
     labels = pd.Series(frame["method"].astype(str), index=frame.index)
     for method, rows in frame.groupby("method", sort=False):
-        varying = [c for c in key if rows[c].astype(str).nunique() > 1]
+        varying = [c for c in key if rows[c].astype(str).nunique(dropna=False) > 1]
         if varying:
             labels[rows.index] = [f"{method} (" + ", ".join(f"{c.removeprefix('method.')}={_fmt_value(v)}"
                                                              for c, v in zip(varying, vals)) + ")"
@@ -267,6 +268,8 @@ def add_labels(frame: pd.DataFrame, key: Sequence[str] | None = None) -> pd.Data
 
 
 def _fmt_value(v) -> str:
+    if pd.isna(v):  # a knob left null (YAML ``null``), beside runs that set it
+        return "none"
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
     return str(v)
@@ -395,7 +398,8 @@ def check_against_summaries(stats: pd.DataFrame, summaries: pd.DataFrame, rtol: 
 # summary.json aggregate -> column title, and how a cell is printed in the markdown table
 COMPARE_COLUMNS = {"n": ("n", "{:.0f}"), "mat": ("MAT", "{:.2f}"), "tokens_per_s": ("tokens/s", "{:.2f}"),
                    "baseline_tokens_per_s": ("AR tokens/s", "{:.2f}"), "speedup": ("speedup", "{:.3f}×"),
-                   "lossless": ("lossless", "{:.0%}"), "proposer_ms_mean": ("proposer ms", "{:.3f}"),
+                   "lossless": ("lossless", "{:.0%}"), "bound": ("bound", "{:.3f}×"),
+                   "efficiency": ("efficiency", "{:.0%}"), "proposer_ms_mean": ("proposer ms", "{:.3f}"),
                    "proposer_ms_p95": ("proposer ms p95", "{:.3f}")}
 
 

@@ -15,6 +15,10 @@ Aggregates, per task and ``overall``:
                         percentile. Records written before the per-step lists existed: the mean from the
                         per-turn sums, p95 None
   device_ms_mean        milliseconds per step of that device work (Token Recycling's top-k), None before
+  decode_speedup, verify_ratio, bound, efficiency
+                        where the speedup goes, with a paired baseline (``cost_split``): the speedup without
+                        the prefill, one verify's cost in AR steps, the speedup if drafting and bookkeeping were
+                        free, and the share of that bound the run kept
 Keys are snake_case and form a contract that ``analysis/`` reads (SCHEMA_VERSION; the per-step lists
 ``step_draft_time``, ``step_update_time``, ``step_device_time`` are optional extras of version 1).
 """
@@ -149,10 +153,42 @@ def aggregate(records: list[dict]) -> dict:
         out["baseline_new_tokens"] = sum(sum(b["new_tokens"]) for b in baselines)
         out["baseline_wall_time"] = sum(sum(b["wall_time"]) for b in baselines)
         out["speedup"] = out["tokens_per_s"] / out["baseline_tokens_per_s"] if out["baseline_tokens_per_s"] else None
+        out.update(_cost_split(choices, baselines))
     checks = [r["lossless"]["identical"] for r in records if "lossless" in r]
     if checks and len(checks) == len(records):
         out["lossless"] = sum(checks) / len(checks)
     return out
+
+
+def cost_split(mat: float, tokens: float, steps: float, decode_s: float, verify_s: float,
+               base_tokens: float, base_steps: float, base_decode_s: float, base_verify_s: float) -> dict:
+    """The in-situ cost model of a run paired with AR (no latency profile needed): the speedup is
+    MAT x t(1) / (t(N) + drafting + bookkeeping), so
+
+    * ``verify_ratio`` = the method's verify seconds per step / AR's: t(N)/t(1) as the run saw it;
+    * ``bound`` = MAT / verify_ratio: the speedup if drafting, commits and bookkeeping were free;
+    * ``decode_speedup`` = tokens/s over the decode (prefill removed on both sides), the part the model describes;
+    * ``efficiency`` = decode_speedup / bound: the share of the bound that the proposer and the harness keep.
+
+    ``decode_s`` is wall minus prefill seconds; None for a figure whose denominator is zero."""
+    ratio = lambda a, b: a / b if b else None  # noqa: E731
+    verify_ratio = ratio(ratio(verify_s, steps) or 0.0, ratio(base_verify_s, base_steps))
+    decode_speedup = ratio(ratio(tokens, decode_s) or 0.0, ratio(base_tokens, base_decode_s))
+    bound = ratio(mat, verify_ratio)
+    return {"decode_speedup": decode_speedup, "verify_ratio": verify_ratio, "bound": bound,
+            "efficiency": ratio(decode_speedup, bound) if decode_speedup is not None else None}
+
+
+def _cost_split(choices: list[dict], baselines: list[dict]) -> dict:
+    """``cost_split`` of answer records (method ``choices`` and their paired ``baselines``)."""
+    total = lambda figs, key: sum(sum(f.get(key) or [0.0]) for f in figs)  # noqa: E731
+    decode = lambda figs: total(figs, "wall_time") - total(figs, "prefill_time")  # noqa: E731
+    count = lambda figs: sum(len(f.get("accept_lengths", [])) for f in figs)  # noqa: E731 - verify steps
+    steps = count(choices)
+    mat = total(choices, "accept_lengths") / steps if steps else 0.0
+    return cost_split(mat, total(choices, "new_tokens"), steps, decode(choices), total(choices, "verify_time"),
+                      total(baselines, "new_tokens"), count(baselines), decode(baselines),
+                      total(baselines, "verify_time"))
 
 
 def proposer_ms(choices: list[dict]) -> dict:
@@ -185,10 +221,10 @@ def format_table(tasks: dict) -> str:
     """Console table: one row per task."""
     cols = [("task", None), ("n", "{:d}"), ("mat", "{:.2f}"), ("tokens_per_s", "{:.2f}"),
             ("baseline_tokens_per_s", "{:.2f}"), ("speedup", "{:.3f}x"), ("lossless", "{:.0%}"),
-            ("proposer_share", "{:.1%}"), ("proposer_ms_mean", "{:.3f}"), ("proposer_ms_p95", "{:.3f}"),
-            ("device_ms_mean", "{:.3f}")]
-    header = ["task", "n", "MAT", "tok/s", "AR tok/s", "speedup", "lossless", "proposer", "prop. ms", "p95 ms",
-              "device ms"]
+            ("bound", "{:.3f}x"), ("efficiency", "{:.0%}"), ("proposer_share", "{:.1%}"),
+            ("proposer_ms_mean", "{:.3f}"), ("proposer_ms_p95", "{:.3f}"), ("device_ms_mean", "{:.3f}")]
+    header = ["task", "n", "MAT", "tok/s", "AR tok/s", "speedup", "lossless", "bound", "eff.", "proposer",
+              "prop. ms", "p95 ms", "device ms"]
     rows = []
     for name, agg in tasks.items():
         row = [name]

@@ -14,6 +14,7 @@ import yaml
 
 from analysis import bench_figures as bf
 from analysis import load_runs
+from analysis.tables import speedup_stats
 from analysis.__main__ import build
 from specdec.token_acceptance import summarize as summarize_acceptance
 
@@ -23,7 +24,7 @@ QUESTIONS = {81: ("mt_bench", "writing"), 161: ("translation", "translation"), 3
 
 def write_run(run_dir: Path, method: dict, accepts: dict[int, list[int]], temperature: float = 1.0,
               top_p: float = 1.0, baseline: str = "none", drafter: str = "eagle", method_stats: dict | None = None,
-              wall: float = 0.5, base_wall: float = 1.0) -> Path:
+              wall: float = 0.5, base_wall: float = 1.0, backend: str | None = None) -> Path:
     """A finished run dir: .hydra/config.yaml, answers.jsonl (one turn per question), summary.json."""
     (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
     cfg = {"model": {"name": "tiny"}, "method": method, "drafter": {"name": drafter, "kind": drafter},
@@ -43,7 +44,8 @@ def write_run(run_dir: Path, method: dict, accepts: dict[int, list[int]], temper
                                "accept_lengths": [1] * n, "output_ids": [list(range(n))]}
         records.append(rec)
     (run_dir / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    summary = {"method": method["name"], "env": {"device": "cpu", "dtype": "float32", "threads": 1},
+    env = {"device": "cpu", "dtype": "float32", "threads": 1, **({"backend": backend} if backend else {})}
+    summary = {"method": method["name"], "env": env,
                "tasks": {"overall": {"mat": sum(map(sum, accepts.values())) / sum(map(len, accepts.values()))}},
                "method_stats": method_stats or {}}
     (run_dir / "summary.json").write_text(json.dumps(summary))
@@ -154,6 +156,44 @@ def test_mat_only_sweep_gets_its_table_and_mat_panel(tmp_path, capsys):
     table = pd.read_csv(tmp_path / "out" / "sweeps" / "s" / "spec_bench.csv", index_col=0)
     assert (table["Overall"] == "–").all() and table.loc["recycle (tree_nodes=8)", "MAT"] == 2.0
     assert "neither a paired baseline nor a separate AR run" in capsys.readouterr().out
+
+
+def test_back_ends_are_separate_settings_and_baselines(tmp_path):
+    """Runs that differ only in the target's back end get their own tables, and a method run without a
+    paired baseline is compared only with an AR run on its own back end (issue 13)."""
+    pld, ar = {"name": "pld", "proposer": "pld", "k": 10}, {"name": "ar", "proposer": "ar"}
+    write_run(tmp_path / "runs" / "e", pld, chain(2), temperature=0.0, baseline="paired")  # no backend: eager
+    write_run(tmp_path / "runs" / "o", pld, chain(3), temperature=0.0, baseline="paired", backend="onednn")
+    build(tmp_path / "runs", tmp_path / "out")
+    dirs = sorted(p.name for p in (tmp_path / "out").iterdir() if (p / "spec_bench.csv").is_file())
+    assert dirs == ["spec_bench_mini_tiny_cpu_float32_1thr_temp0.0",          # eager keeps the old name
+                    "spec_bench_mini_tiny_cpu_float32_onednn_1thr_temp0.0"]
+    mat = [pd.read_csv(tmp_path / "out" / d / "mat_by_task.csv", index_col=0).loc["pld", "Overall"] for d in dirs]
+    assert mat == [2.0, 3.0]
+
+    alone = tmp_path / "alone"
+    write_run(alone / "m", pld, chain(2), temperature=0.0, backend="onednn", wall=0.5)
+    write_run(alone / "ar_eager", ar, {q: [1] * 4 for q in QUESTIONS}, temperature=0.0, wall=4.0)
+    with pytest.warns(UserWarning, match="no baseline run matches"):
+        stats = speedup_stats(load_runs(alone))
+    assert stats.empty  # the only AR ran on another back end
+    write_run(alone / "ar_onednn", ar, {q: [1] * 4 for q in QUESTIONS}, temperature=0.0, wall=1.0, backend="onednn")
+    stats = speedup_stats(load_runs(alone))
+    overall = stats[(stats["task"] == "overall") & (stats["method"] == "pld")].iloc[0]
+    assert overall["baseline_run"].endswith("ar_onednn") and overall["speedup"] == pytest.approx(2.0)
+
+
+def test_a_knob_null_in_one_run_and_set_in_another_names_both_rows(tmp_path):
+    """``warm_start: null`` beside ``warm_start=sharegpt`` are two settings with two labels (pandas 3 keeps a
+    missing value missing through ``astype(str)``, which once merged them into one label and broke the table)."""
+    cold = {"name": "lookahead_cpu", "proposer": "lookahead", "warm_start": None}
+    write_run(tmp_path / "runs" / "cold", cold, chain(2), temperature=0.0, baseline="paired")
+    write_run(tmp_path / "runs" / "warm", {**cold, "warm_start": "sharegpt"}, chain(3), temperature=0.0,
+              baseline="paired")
+    build(tmp_path / "runs", tmp_path / "out")
+    mat = pd.read_csv(tmp_path / "out" / "spec_bench_mini_tiny_cpu_float32_1thr_temp0.0" / "mat_by_task.csv",
+                      index_col=0)["Overall"]
+    assert mat.to_dict() == {"lookahead_cpu (warm_start=none)": 2.0, "lookahead_cpu (warm_start=sharegpt)": 3.0}
 
 
 def test_top_p_splits_sampling_settings_and_mat_per_task_is_tabled(tmp_path):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from specdec.results import AnswerFile, aggregate, format_table, summarize, write_report
+from specdec.results import AnswerFile, aggregate, cost_split, format_table, summarize, write_report
 
 
 def record(qid, task, new_tokens, wall_time, accept_lengths, base_tokens, base_wall, identical=True, drafts=(0.0,)):
@@ -68,6 +68,22 @@ def test_proposer_ms_mean_and_p95_pool_the_steps_and_exclude_device_work():
     old = aggregate(RECORDS[:1])  # records without per-step lists (fixture runs): mean from the turn sums
     assert old["proposer_ms_mean"] == pytest.approx(1e3 * (1.0 + 0.25) / 13) and old["proposer_ms_p95"] is None
     assert aggregate([rec] + RECORDS[:1])["proposer_ms_p95"] is None  # a mixed set falls back as a whole
+
+
+def test_cost_split_of_a_paired_run_by_hand():
+    """verify_ratio, bound and efficiency (issue 13) from a record's turns: 20 verify steps of 2 tokens."""
+    choice = {"new_tokens": [30, 10], "wall_time": [1.1, 0.6], "prefill_time": [0.1, 0.1], "accept_lengths": [2] * 20,
+              "verify_time": [0.6, 0.3], "draft_time": [0.1, 0.1]}
+    base = {"new_tokens": [30, 10], "wall_time": [2.1, 0.8], "prefill_time": [0.1, 0.1], "accept_lengths": [1] * 40,
+            "verify_time": [1.6, 0.6]}
+    out = aggregate([{"question_id": 1, "task": "qa", "category": "qa", "choices": [choice], "baseline": base}])
+    verify_ratio = (0.9 / 20) / (2.2 / 40)                      # 0.045 s vs 0.055 s per step
+    assert out["verify_ratio"] == pytest.approx(verify_ratio)
+    assert out["bound"] == pytest.approx(2 / verify_ratio)      # MAT 2
+    assert out["decode_speedup"] == pytest.approx((40 / 1.5) / (40 / 2.7))
+    assert out["efficiency"] == pytest.approx(1.8 / (2 / verify_ratio))
+    assert cost_split(2.0, 40, 0, 1.5, 0.9, 40, 40, 2.7, 2.2)["bound"] is None  # no steps: no ratio
+    assert "bound" not in aggregate([{"question_id": 1, "task": "qa", "category": "qa", "choices": [choice]}])
 
 
 def test_console_table_shows_proposer_ms():
