@@ -14,10 +14,11 @@ Columns (``df.attrs["knobs"]`` lists the ``method.*`` knob columns):
 * setting: ``model``, ``method``, ``proposer``, ``method.<knob>`` for every method knob, ``drafter`` (name in
   ``conf/drafter/``) and ``drafter.exit_layer`` (early-exit drafters; None otherwise),
   ``task_set`` (config ``task.name``), ``device``, ``dtype``, ``threads``, ``backend`` (the target's back end,
-  specdec/backends.py; these four from summary.json's env when present, which has ``auto`` resolved; else the
-  config; runs older than the setting ran ``eager``), ``temperature``, ``top_p``, ``top_k``, ``seed``,
-  ``max_new_tokens``, ``baseline_mode`` (paired / none), ``warmup``, ``warmup_keeps_state``, ``torch``,
-  ``transformers``, ``git_commit``, ``complete`` (summary.json written, i.e. the run finished);
+  specdec/backends.py; these four from the env in summary.json, or in ``sessions.jsonl`` for an unfinished run,
+  which has ``auto`` resolved; else the config; runs older than the setting ran ``eager``), ``temperature``,
+  ``top_p``, ``top_k``, ``seed``, ``max_new_tokens``, ``baseline_mode`` (paired / none), ``warmup``,
+  ``warmup_keeps_state``, ``torch``, ``transformers``, ``git_commit``, ``complete`` (summary.json written, i.e.
+  the run finished);
 * question: ``task`` (one of Spec-Bench's 6), ``category``, ``question_id``, ``turn`` (0-based),
   ``n_turns``, ``order``, ``lossless`` (bool per question, NaN without a paired greedy baseline),
   ``tstamp``;
@@ -122,15 +123,15 @@ def _load_config(path: Path) -> dict:
         return yaml.safe_load(path.read_text())
 
 
-def _configured_backend(cfg: dict) -> str:
-    """The back end of a run without summary.json (unfinished): ``auto`` is read as ``resolve_backend`` reads it
-    on CPU (``onednn``) unless the device is CUDA (a bf16 run on a CPU without bf16 prepacking, or a
-    ``device=auto`` run that found a GPU, ran ``eager``: only summary.json's env records that). Runs older than
-    the setting ran ``eager``."""
-    name = cfg.get("backend") or "eager"
-    if name == "auto":
-        return "eager" if str(cfg.get("device", "cpu")).startswith("cuda") else "onednn"
-    return name
+def _last_session_env(run_dir: Path) -> dict:
+    """The env the run's last process recorded in ``sessions.jsonl`` before its first question ({} without one):
+    where an unfinished run (no summary.json yet) ran."""
+    path = run_dir / "sessions.jsonl"
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.is_file() else []
+    try:
+        return json.loads(lines[-1]).get("env", {}) if lines else {}
+    except json.JSONDecodeError:  # a process killed mid-line
+        return {}
 
 
 def run_info(run_dir: Path) -> dict:
@@ -139,7 +140,7 @@ def run_info(run_dir: Path) -> dict:
     cfg = _load_config(cfg_path) if cfg_path.is_file() else {}
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    env = summary.get("env", {})
+    env = summary.get("env") or _last_session_env(run_dir)
     method = dict(cfg.get("method") or {})
     model, task = cfg.get("model") or {}, cfg.get("task") or {}
     overrides_path = run_dir / ".hydra" / "overrides.yaml"
@@ -157,7 +158,8 @@ def run_info(run_dir: Path) -> dict:
         "device": env.get("device", cfg.get("device")),
         "dtype": env.get("dtype", cfg.get("dtype")),
         "threads": env.get("threads", cfg.get("threads")),
-        "backend": env.get("backend") or _configured_backend(cfg),
+        # runs older than the setting ran eager; without any env (no summary, no sessions) the config's
+        "backend": env.get("backend", "eager") if env else cfg.get("backend", "eager"),
         "temperature": cfg.get("temperature", summary.get("temperature")),
         "top_p": cfg.get("top_p"), "top_k": cfg.get("top_k"), "seed": cfg.get("seed"),
         "max_new_tokens": cfg.get("max_new_tokens", summary.get("max_new_tokens")),
@@ -236,8 +238,8 @@ def load_runs(paths: str | Path | Iterable[str | Path] = "runs") -> pd.DataFrame
 
 
 def _fill_env_of_unfinished(df: pd.DataFrame) -> pd.DataFrame:
-    """An unfinished run has no summary.json, so ``device``/``dtype``/``threads`` are the config's
-    (possibly ``auto``/null). Take those from a finished job of the same multirun (same launch, same
+    """An unfinished run without summary.json or sessions.jsonl has ``device``/``dtype``/``threads``/``backend``
+    from the config (possibly ``auto``/null). Take those from a finished job of the same multirun (same launch, same
     machine); a lone unfinished run keeps the configured values."""
     if df.empty or df["complete"].all():
         return df
@@ -247,7 +249,7 @@ def _fill_env_of_unfinished(df: pd.DataFrame) -> pd.DataFrame:
         donors = df[(df["sweep"] == sweep) & df["complete"]]
         if donors.empty:
             continue
-        for col in ("device", "dtype", "threads"):
+        for col in ("device", "dtype", "threads", "backend"):
             if df.loc[rows, col].iloc[0] in (None, "auto") or pd.isna(df.loc[rows, col].iloc[0]):
                 df.loc[rows, col] = donors[col].iloc[0]
     return df

@@ -183,6 +183,21 @@ def test_back_ends_are_separate_settings_and_baselines(tmp_path):
     assert overall["baseline_run"].endswith("ar_onednn") and overall["speedup"] == pytest.approx(2.0)
 
 
+def test_an_unfinished_run_takes_its_env_from_sessions_jsonl(tmp_path):
+    """No summary.json yet: device, threads and back end come from the env its process recorded before the first
+    question (the config says device=auto, backend=auto), not from a guess."""
+    run = write_run(tmp_path / "r", {"name": "pld", "proposer": "pld"}, chain(2), baseline="paired")
+    (run / "summary.json").unlink()
+    cfg = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({**cfg, "device": "auto", "backend": "auto"}))
+    env = {"device": "cpu", "dtype": "float32", "threads": 2, "backend": "eager"}
+    sessions = [{"env": {**env, "threads": 1}}, {"env": env}]  # a resumed run: two processes
+    (run / "sessions.jsonl").write_text("".join(json.dumps(session) + "\n" for session in sessions))
+    df = load_runs(run)
+    assert not df["complete"].any()
+    assert df.iloc[0][["device", "dtype", "threads", "backend"]].to_dict() == env  # the last session's
+
+
 def test_a_knob_null_in_one_run_and_set_in_another_names_both_rows(tmp_path):
     """``warm_start: null`` beside ``warm_start=sharegpt`` are two settings with two labels (pandas 3 keeps a
     missing value missing through ``astype(str)``, which once merged them into one label and broke the table)."""
