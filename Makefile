@@ -11,7 +11,7 @@ BENCH    := $(PY) run.py -m logger=none threads=$(BENCH_THREADS)
 # task: 7 turns, 64 new tokens each) so that all four fit in ~2 h on 2 cores; QUICK= runs all of spec_bench_mini.
 QUICK ?= task.per_category=1 max_new_tokens=64
 
-.PHONY: help install run test bench bench-latency bench-ar bench-pld bench-methods bench-lookahead-warm bench-recycle-sizes figures clean train-kangaroo train-kangaroo-layers train-eagle
+.PHONY: help install run test test-full bench bench-latency bench-ar bench-pld bench-methods bench-lookahead-warm bench-recycle-sizes figures clean train-kangaroo train-kangaroo-layers train-eagle
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
 
@@ -27,7 +27,10 @@ $(STAMP): pyproject.toml
 run: install  ## the main job: AR and the training-free methods side by side (conf/compare.yaml) -> runs/compare/
 	$(PY) -m specdec.compare
 
-test: install  ## the test suite (CPU, no network)
+test: install  ## the newcomer's suite (<= 10 min on 2 cores): every method = AR on SmolLM2, every sampling rule's statistical test, verifier invariants, run/resume/bad input
+	$(PY) -m pytest -q -m "not full"
+
+test-full: install  ## everything (what CI runs, <= 45 min): adds the released-size sweeps, long Monte Carlo runs and the onednn twin of the method guard
 	$(PY) -m pytest -q
 
 bench: bench-latency bench-ar bench-pld bench-methods bench-lookahead-warm bench-recycle-sizes  ## every benchmark below (~1.5 h on 2 cores)

@@ -337,7 +337,10 @@ def token_acceptance_figure(report: dict, out_dir: str | Path, name: str = "toke
     with +-1 standard error (Khisti et al.'s table as a figure)."""
     table = pd.DataFrame(report["rows"])
     labels = {"specinfer": "SpecInfer (SpS at K = 1)", "spectr": "SpecTr K-SEQ",
-              "khisti": f"Khisti IS (top-{report['top_m']} q)", "rsd": "RSD (w/o replacement)"}
+              "khisti": f"Khisti et al. (LP over {report.get('lp_tokens', 5)} tokens)",
+              "khisti_sir": f"khisti_sir (top-{report['top_m']} q, p/q pick)", "rsd": "RSD (w/o replacement)",
+              "optimal": "optimal (LP bound)"}
+    labels = {rule: label for rule, label in labels.items() if rule in table}  # reports before khisti_sir lack some
     fig, ax = plt.subplots(figsize=(4.2, 3.0))
     for i, (rule, label) in enumerate(labels.items()):
         ax.errorbar(table["K"], table[rule], yerr=table[f"{rule} se"], marker="o", capsize=2, color=f"C{i}",

@@ -8,7 +8,7 @@ one token per token. So, ignoring prefill and bookkeeping,
 
 where ``t`` is the measured latency profile of the target on a device. MAT is (almost) a property
 of the method and the text, not of the device, so a MAT measured on CPU predicts the speedup on
-any device whose profile you measured (specs/spec_bench.md §5 row 10).
+any device whose profile you measured (docs/spec_bench.md §5 row 10).
 
 Measure a profile (one forward of N = 1..128 new tokens at a fixed context, through the verifier's
 own ``Target.score``, cache cropped back after every call, median of repeats):
@@ -264,7 +264,15 @@ def measure_profile(model_path: str = EMBEDDED, context: int = 256, ns: Iterable
                     device: str = "cpu", dtype: str = "float32", threads: int | None = 1, repeats: int = 9,
                     warmup: int = 2, attn_implementation: str = "sdpa", backend: str = "eager") -> dict:
     """Median latency of ``Target.score`` (the verify forward, tree mask included) per N, on ``backend``,
-    with the roofline (weight bytes / read bandwidth measured just before the timed calls)."""
+    with the roofline (weight bytes / read bandwidth measured just before the timed calls). ``threads`` holds
+    only for this call (the caller's thread count is restored)."""
+    from specdec.models import torch_threads
+
+    with torch_threads(threads):
+        return _profile(model_path, context, ns, device, dtype, repeats, warmup, attn_implementation, backend)
+
+
+def _profile(model_path, context, ns, device, dtype, repeats, warmup, attn_implementation, backend) -> dict:
     import torch
     import transformers
     from tqdm import tqdm
@@ -275,8 +283,6 @@ def measure_profile(model_path: str = EMBEDDED, context: int = 256, ns: Iterable
     from specdec.target import Target
     from specdec.tree import DraftTree
 
-    if threads:
-        torch.set_num_threads(threads)
     dev = resolve_device(device)
     model, tok = load_model(model_path, dev, resolve_dtype(dtype, dev), attn_implementation, backend=backend)
     ns = sorted(set(int(n) for n in ns))

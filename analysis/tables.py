@@ -1,6 +1,6 @@
 """The Spec-Bench table: speedup per task, MAT, tokens/s and overall speedup, mean ± std over repeats.
 
-Formulas (Spec-Bench ``evaluation/speed.py``; specs/spec_bench.md §4), on ids counted by the verifier:
+Formulas (Spec-Bench ``evaluation/speed.py``; docs/spec_bench.md §4), on ids counted by the verifier:
 
 * per question: ``speed_q = Σ_turns new_tokens / Σ_turns wall_time`` (turns pooled into one rate);
 * per task: ``tokens_per_s = mean_q speed_q`` (unweighted), the baseline likewise;

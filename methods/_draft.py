@@ -4,7 +4,7 @@ decides a tree's shape.
 
 Under sampling, draft probabilities q are the softmax of the draft logits after the target's own
 temperature / top-k / top-p processors (``processed_probs``), and the tree stores exactly the q its
-children were drawn from (spectr_multidraft.md §10, "wrong q"). Under greedy (temperature 0) every
+children were drawn from (docs/spectr_multidraft.md §10, "wrong q"). Under greedy (temperature 0) every
 method drafts deterministically from the raw draft logits and the tree kind is ``deterministic``.
 """
 
@@ -16,6 +16,9 @@ from specdec.acceptance import processed_probs
 from specdec.drafter import require_drafter
 from specdec.proposer import Context, MethodEnv, Proposer
 from specdec.tree import DETERMINISTIC, DraftTree
+
+
+DRAFT_STREAM = 0x5EED_D4AF7  # offset of the draft draws' seed from the acceptance rule's (same Context.seed)
 
 
 class DraftModelProposer(Proposer):
@@ -30,12 +33,14 @@ class DraftModelProposer(Proposer):
         self.greedy = env.temperature is None or env.temperature <= 0
         self.generator = torch.Generator().manual_seed(env.seed)
 
-    def reset(self, scope: str) -> None:
-        if scope == "run":  # draft draws are reproducible per run (MAT is deterministic per seed)
-            self.generator.manual_seed(self.env.seed)
-
     def begin(self, ctx: Context) -> None:
+        # draft draws are seeded per (question, turn), apart from the acceptance rule's stream: a resumed
+        # run draws exactly as an uninterrupted one
+        self.generator.manual_seed(DRAFT_STREAM + ctx.seed)
         self.drafter.begin(ctx.tokens, ctx.hidden)
+
+    def reset_stats(self) -> None:
+        self.drafter.reset_stats()
 
     def follow(self, ctx: Context) -> torch.Tensor:
         """The drafter brought to the committed sequence; its raw logits [V] after the root."""

@@ -1,11 +1,14 @@
-"""Shared proposer of the dynamic-tree methods (eagle2, opt_tree, dyspec; specs/dynamic_trees.md):
-the drafter follows the committed sequence, the policy (``grow``) fills a ``specdec.tree_builder.Pool``,
-the builder keeps the top-N nodes as the tree. Runs are named honestly: "EAGLE-2 tree policy
-(drafter: early_exit)" unless the drafter is an EAGLE head (then plain "EAGLE-2").
+"""Shared proposer of the dynamic-tree methods (eagle2, opt_tree, dyspec): the drafter follows the
+committed sequence, the policy (``grow``) fills a ``specdec.tree_builder.Pool``, the builder keeps the
+top-N nodes as the tree. Runs are named honestly: "EAGLE-2 tree policy (drafter: early_exit)" unless the
+drafter is an EAGLE head (then plain "EAGLE-2").
 
-Stats per run: tokens per verify forward (root included), the chosen N per step (auto budget), the
-calibration table (node value bin -> nodes drafted, nodes accepted; spec §4 "Logging"), and the mean
-proposer time per step in ms.
+Budget: each method's ``budget`` knob keeps its paper's / release's meaning (``budget_includes_root``:
+EAGLE-2's ``total_token`` counts the root, OPT-Tree's ``--nodes`` does not); internally N = draft nodes.
+
+Learned state (``reset("run")``): the auto budget's calibration and mean draft time. Stats
+(``reset_stats``): tokens per verify forward (root included), pool nodes and proposer ms per step, the
+calibration table (node value bin -> nodes drafted, nodes accepted) and the auto budget's chosen N.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ import torch
 
 from methods._draft import DraftModelProposer
 from specdec.decode import Stopwatch
-from specdec.errors import UserError
+from specdec.errors import SettingError, UserError
 from specdec.proposer import Context, MethodEnv, StepResult
 from specdec.tree import DETERMINISTIC, DraftTree
-from specdec.tree_builder import AutoBudget, Pool, select
+from specdec.tree_builder import AutoBudget, Pool, run_settings, select
 
 CALIBRATION_BINS = 10  # node value in [i/10, (i+1)/10)
 
@@ -29,21 +32,25 @@ class DynamicTreeProposer(DraftModelProposer, ABC):
     """Subclasses set ``paper`` and implement ``grow(pool, root_logprobs [1, V], max_depth)``."""
 
     paper = "dynamic tree"
-    max_tree_depth = 64  # subclasses: the policy's deepest node
+    max_tree_depth = 64           # subclasses: the policy's deepest node
+    budget_includes_root = False  # True: ``budget`` / ``auto_max_budget`` count tokens per verify (root included)
 
     def __init__(self, env: MethodEnv, name: str, budget, latency_profile: str | None = None,
                  auto_max_budget: int = 64):
         super().__init__(env, name)
+        root = int(self.budget_includes_root)
         self.auto = None
         if budget == "auto":
             if not latency_profile:
                 raise UserError(f"method {name!r}: budget=auto needs latency_profile=<profile JSON>")
-            self.auto = AutoBudget(latency_profile, int(auto_max_budget))
-        elif not isinstance(budget, int) or budget < 1:
-            raise ValueError(f"budget must be a positive int or 'auto', got {budget!r}")
-        self.budget = budget
+            self.auto = AutoBudget(latency_profile, int(auto_max_budget) - root, run_settings(env.device, env.model))
+        elif not isinstance(budget, int) or isinstance(budget, bool) or budget < 1 + root:
+            raise SettingError(f"budget must be an int >= {1 + root} or 'auto', got {budget!r}")
+        self.budget = budget                                   # the knob, in the method's own unit
+        self.drafts = None if self.auto else budget - root     # N draft nodes kept per tree (root excluded)
         self.clock = Stopwatch(env.device)
-        self.reset("run")
+        self._draft_seconds = 0.0
+        self._zero_stats()
 
     @property
     def label(self) -> str:
@@ -53,7 +60,7 @@ class DynamicTreeProposer(DraftModelProposer, ABC):
 
     # ------------------------------------------------------------------ the step
     def tree_kind(self) -> str:
-        return DETERMINISTIC  # top-ranked children: sample-and-follow under sampling (spec, common facts)
+        return DETERMINISTIC  # top-ranked children: sample-and-follow under sampling
 
     @abstractmethod
     def grow(self, pool: Pool, root_logprobs: torch.Tensor, max_depth: int) -> None:
@@ -66,7 +73,7 @@ class DynamicTreeProposer(DraftModelProposer, ABC):
             return DraftTree.root_only(ctx.root, self.env.device)
         pool = Pool.start(self.drafter, ctx.root)
         self.grow(pool, torch.log_softmax(self.follow(ctx).float(), -1)[None], max_depth)
-        budget = self.auto.choose(pool) if self.auto else self.budget
+        budget = self.auto.choose(pool) if self.auto else self.drafts
         tree = pool.tree(select(pool, budget), self.tree_kind(), self.env.device, self.env.vocab_size)
         self._marks = (start, self.clock.mark())
         return tree
@@ -89,25 +96,35 @@ class DynamicTreeProposer(DraftModelProposer, ABC):
 
     def reset(self, scope: str) -> None:
         super().reset(scope)
-        if scope == "run":
-            self.calib_nodes = [0] * CALIBRATION_BINS
-            self.calib_accepted = [0] * CALIBRATION_BINS
-            self.steps = self.tokens_per_verify = self.pool_nodes = 0
-            self.proposer_seconds = self._draft_seconds = 0.0
-            if self.auto:
-                self.auto.reset()
+        if scope == "run" and self.auto:
+            self.auto.reset()   # learned state: the calibration and mean draft time N is chosen from
+
+    def reset_stats(self) -> None:
+        super().reset_stats()
+        self._zero_stats()
+
+    def _zero_stats(self) -> None:
+        self.calib_nodes = [0] * CALIBRATION_BINS
+        self.calib_accepted = [0] * CALIBRATION_BINS
+        self.steps = self.tokens_per_verify = self.pool_nodes = 0
+        self.proposer_seconds = 0.0
+        if self.auto:
+            self.auto.reset_stats()
 
     def stats(self) -> dict:
         n = max(self.steps, 1)
         out = {**super().stats(), "label": self.label,
-               "budget": "auto" if self.auto else self.budget,
-               "tokens_per_verify": self.tokens_per_verify / n,   # root included (spec §6 budget semantics)
+               "budget": self.budget,
+               "budget_counts": "tokens per verify (root included)" if self.budget_includes_root
+               else "draft nodes (root excluded)",
+               "tokens_per_verify": self.tokens_per_verify / n,   # root included, whatever the budget counts
                "pool_nodes_per_step": self.pool_nodes / n,
                "proposer_ms_per_step": 1000 * self.proposer_seconds / n,
                "calibration_bins": [i / CALIBRATION_BINS for i in range(CALIBRATION_BINS)],
                "calibration_nodes": list(self.calib_nodes),
                "calibration_accepted": list(self.calib_accepted)}
         if self.auto:
-            out["auto_budget_chosen"] = {str(k): v for k, v in sorted(self.auto.chosen.items())}
+            root = int(self.budget_includes_root)               # chosen N in the budget's unit
+            out["auto_budget_chosen"] = {str(k + root): v for k, v in sorted(self.auto.chosen.items())}
             out["auto_calibration"] = self.auto.calibration
         return out

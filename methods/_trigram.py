@@ -1,7 +1,7 @@
 """ADED's tri-gram table: the offline build (cached outside git), load-time
 pruning and the online boost. Used by ``methods/aded.py``; registers no proposer.
 
-Spec: specs/aded.md § Tri-gram table / § Online update. Build it ahead of a run with
+Design notes: docs/aded.md § Tri-gram table / § Online update. Build it ahead of a run with
 
     python -m methods.aded build [--corpus sharegpt|PATH] [--max-records N]
 

@@ -2,7 +2,7 @@
 
 Paper: Liu et al., "Adaptive Draft-Verification for Efficient Large Language Model Decoding",
 arXiv 2407.12021 (AAAI 2025). Released code: liuxukun2000/Adaptix @ 241dad8 (Rust drafter
-``DraftRetriever/``; restated here in Python, not copied). Spec: specs/aded.md.
+``DraftRetriever/``; restated here in Python, not copied). Design notes: docs/aded.md.
 
     python -m methods.aded build                      # build + cache the ShareGPT table (progress bar)
     python run.py method=aded                         # released constants (150 simulations, 64 nodes)
@@ -26,7 +26,7 @@ Under sampling the core applies sample-and-follow, which is exact. The released 
 (one independent top-p sample per (path, position) cell, longest path kept) is a lossy heuristic
 and is **not** copied.
 
-Decisions on details the spec leaves open ([U] / [design]):
+Decisions on details the paper and the release leave open ([U] / [design]):
   * Corpus documents: each ShareGPT turn (human and gpt) is one document, tokenized without special
     tokens, as REST/ADED's ``get_datastore_chat.py`` adds each turn. Only complete records of the
     cut-off JSON are used (17,671 of them); the partial rest is reported in a warning.
@@ -38,14 +38,15 @@ Decisions on details the spec leaves open ([U] / [design]):
   * pUCT ties: the first child with the maximal score. Most-visited ties: the earlier-created
     search node first (creation order is breadth-first within one expansion).
   * Reward ``as_released`` = 1 + sum_i S[state_i].get(state_{i+1}.first): the lookup asks for the
-    token already at the end of state_i, so it is ~always 1 (spec § MCTS backup). The sum runs
+    token already at the end of state_i, so it is ~always 1 (docs/aded.md, MCTS backup). The sum runs
     over the selected path *and* the rollout. ``path_score`` (variant ``aded_fixed_reward``) sums
     S[state_i][state_{i+1}.second], the scores of the path's own tri-grams.
   * Budget cut ties: among paths with the most distinct tokens the *last* (least visited) is dropped
     (Rust's ``max_by_key`` returns the last maximum).
   * No draft -> the root-only tree (the released code verifies a dummy token 100 instead).
-  * The RNG is ``random.Random(env.seed * 1_000_003 + seed)``, re-seeded by ``reset("run")`` (the
-    released thread RNG is unseeded, so released drafts are not reproducible).
+  * The RNG is ``random.Random(env.seed * 1_000_003 + seed + 2**40 * Context.seed)``, seeded per
+    (question, turn) in ``begin`` (the released thread RNG is unseeded, so released drafts are not
+    reproducible); a resumed run drafts exactly as an uninterrupted one.
   * ``reset_policy: never`` keeps the boost for the whole run (the released table lives for one
     process); ``reset("run")`` always clears it, and whether warm-up trains it is the core's
     ``warmup_keeps_state``. ``per_question`` clears it before each question as well.
@@ -71,6 +72,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from specdec.errors import SettingError
 from specdec.proposer import Context, MethodEnv, Proposer, register
 from specdec.tree import DraftTree
 
@@ -257,26 +259,26 @@ class Aded(Proposer):
                  reward: str = "as_released", max_nodes: int = 64, seed: int = 0, reset_policy: str = "never"):
         super().__init__(env)
         if reward not in REWARDS:
-            raise ValueError(f"reward must be one of {REWARDS}, got {reward!r}")
+            raise SettingError(f"reward must be one of {REWARDS}, got {reward!r}")
         if reset_policy not in RESET_POLICIES:
-            raise ValueError(f"reset_policy must be one of {RESET_POLICIES}, got {reset_policy!r}")
+            raise SettingError(f"reset_policy must be one of {RESET_POLICIES}, got {reset_policy!r}")
         if sims < 1 or max_keys < 1 or top_sequences < 1 or max_nodes < 1:
-            raise ValueError("sims, max_keys, top_sequences and max_nodes must be >= 1")
+            raise SettingError("sims, max_keys, top_sequences and max_nodes must be >= 1")
         self.boost_on, self.boost_window, self.boost_delta, self.boost_cap = boost, boost_window, boost_delta, boost_cap
         self.sims, self.max_keys, self.top_sequences = int(sims), int(max_keys), int(top_sequences)
         self.c1, self.c2 = float(c1), float(c2)  # the kernel is compiled for floats
         self.reward, self.max_nodes, self.reset_policy = reward, max_nodes, reset_policy
         self.rng_seed = env.seed * 1_000_003 + seed
-        self.stream = _aded_search.MTStream(random.Random(self.rng_seed))  # the rollouts' random.Random stream
+        self.stream = _aded_search.MTStream(random.Random(self.stream_seed(0)))  # the rollouts' random.Random stream
         self.table, self.table_info = self._load_table(corpus, max_records, prune_topk, empty_table, build_batch)
-        self.counters = {"proposes": 0, "propose_seconds": 0.0, "draft_nodes": 0}
+        self.reset_stats()
         self._draft(0, 0, sims=1, stream=_aded_search.MTStream(random.Random(0)))  # compile now, not in a timed step
 
     def _load_table(self, corpus, max_records, prune_topk, empty_table, build_batch) -> tuple[TrigramTable, dict]:
         if empty_table:  # a deviation from the paper: the online boost alone
             return TrigramTable(), {"corpus": "none (empty_table)"}
         if self.env.tokenizer is None:
-            raise ValueError("aded builds its table with the target tokenizer; MethodEnv.tokenizer is None")
+            raise SettingError("aded builds its table with the target tokenizer; MethodEnv.tokenizer is None")
         from specdec.models import default_cache_dir
 
         cache = Path(self.env.cache_dir) if self.env.cache_dir else default_cache_dir()
@@ -317,8 +319,17 @@ class Aded(Proposer):
     def reset(self, scope: str) -> None:
         if scope == "run" or (scope == "question" and self.reset_policy == "per_question"):
             self.table.clear_boost()
-        if scope == "run":
-            self.stream = _aded_search.MTStream(random.Random(self.rng_seed))
+
+    def stream_seed(self, turn_seed: int) -> int:
+        """The rollouts' seed for one (question, turn); turn seed 0 gives the run's own seed."""
+        return self.rng_seed + (1 << 40) * turn_seed
+
+    def begin(self, ctx: Context) -> None:
+        """The rollouts' stream is seeded per (question, turn): a resumed run drafts as an uninterrupted one."""
+        self.stream = _aded_search.MTStream(random.Random(self.stream_seed(ctx.seed)))
+
+    def reset_stats(self) -> None:
+        self.counters = {"proposes": 0, "propose_seconds": 0.0, "draft_nodes": 0}
 
     def stats(self) -> dict:
         n = max(self.counters["proposes"], 1)

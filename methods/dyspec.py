@@ -1,15 +1,19 @@
-"""DySpec's greedy dynamic token tree (Xiong et al., arXiv 2410.11744; specs/dynamic_trees.md §3) over any
-drafter -- the spec's RECONSTRUCTION [U]: no official code was found, and the paper's batching rule
-was not retrieved, so the batching below is our reading.
+"""DySpec's greedy dynamic token tree (Xiong et al., arXiv 2410.11744) over any drafter -- a
+RECONSTRUCTION from the paper: no released code was found, so runs are labelled "DySpec (reconstruction)".
 
     python run.py method=dyspec drafter=early_exit
 
-Best-first growth by value (the estimated acceptance): a heap holds, for every expanded node, its next
-not-yet-added child; popping the best adds that child to the tree and pushes (a) the popped child's
-next sibling and (b) once the child has had its draft forward, its own first child. Values only shrink
-along a path, so the popped set is always a connected tree of exactly ``budget`` nodes. To keep drafter
-forwards batched, each round pops every entry whose value is at least ``threshold`` x the round's best,
-then expands all popped nodes in one forward.
+Best-first growth by value (the estimated acceptance), the paper's greedy heap-based construction: a
+heap holds, for every expanded node, its next not-yet-added child; each round pops the single best
+entry, adds that child to the tree, pushes its next sibling, runs one drafter forward at the new node
+and pushes its first child. Values only shrink along a path, so (greedy) nodes are added in non-increasing
+value order and the popped set is always a connected tree of exactly ``budget`` draft nodes (the top-``budget``
+nodes by value). ``budget`` counts draft tokens, root excluded (verify forward: budget + 1 tokens).
+
+``band`` (a speed-up of this harness, not the paper's): with band b in (0, 1), a round also pops every
+further entry whose value is at least (1 - b) x the round's best and expands all popped nodes in one
+drafter forward: fewer, wider forwards, at the price of adding some nodes before better ones that a
+pending forward would have revealed. ``band: 0`` (default) is pure best-first, one forward per node.
 
 Greedy: children are the draft's top-ranked tokens (``deterministic`` tree). Sampling (temperature > 0):
 siblings are drawn from q (the draft under the target's processors) without replacement, in pop order,
@@ -17,7 +21,7 @@ and verified by RSD's recursive rejection (``without_replacement``). A sibling i
 heap entry is popped, and that entry's key is the expected value of the next draw (value(parent) x
 E[q_raw(x)] over the remaining law), never the drawn token's own value: whether the i-th sibling exists
 then depends only on earlier draws, which keeps the recursive rule exact. Ranking uses the raw draft
-(temperature 1, spec §6).
+(temperature 1).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import math
 import torch
 
 from methods._dyntree import DynamicTreeProposer
-from specdec.errors import UserError
+from specdec.errors import SettingError, UserError
 from specdec.proposer import MethodEnv, register
 from specdec.tree import DETERMINISTIC, WITHOUT_REPLACEMENT
 from specdec.tree_builder import Pool
@@ -38,16 +42,16 @@ from specdec.tree_builder import Pool
 class DySpec(DynamicTreeProposer):
     paper = "DySpec (reconstruction)"
 
-    def __init__(self, env: MethodEnv, budget=60, threshold: float = 0.1, max_depth: int = 10,
+    def __init__(self, env: MethodEnv, budget=59, band: float = 0.0, max_depth: int = 10,
                  latency_profile: str | None = None, auto_max_budget: int = 64):
-        if not 0 < threshold <= 1 or max_depth < 1:
-            raise ValueError(f"threshold must be in (0, 1] and max_depth >= 1, got {threshold}, {max_depth}")
-        self.log_threshold, self.max_tree_depth = math.log(threshold), max_depth
+        if not 0 <= band < 1 or max_depth < 1:
+            raise SettingError(f"band must be in [0, 1) and max_depth >= 1, got {band}, {max_depth}")
+        self.band, self.max_tree_depth = float(band), max_depth
         super().__init__(env, self.key, budget, latency_profile, auto_max_budget)
         if self.auto and not self.greedy:
             raise UserError("dyspec: budget=auto is greedy-only (a top-N cut could drop a sampled sibling that "
                             "later siblings' draw law depends on)")
-        self.grow_budget = auto_max_budget if self.auto else budget
+        self.grow_budget = self.auto.max_budget if self.auto else self.drafts
 
     def tree_kind(self) -> str:
         return DETERMINISTIC if self.greedy else WITHOUT_REPLACEMENT
@@ -58,17 +62,22 @@ class DySpec(DynamicTreeProposer):
         self._open(pool, heap, source, 0, root_logprobs[0])
         size = 0
         while heap and size < self.grow_budget:
-            floor = -heap[0][0] + self.log_threshold
-            batch = []
-            while heap and size < self.grow_budget and -heap[0][0] >= floor:
+            floor = -heap[0][0] + (math.log1p(-self.band) if self.band else 0.0)
+            batch, popped = [], 0
+            while heap and size < self.grow_budget and (popped == 0 or (self.band and -heap[0][0] >= floor)):
                 _, parent = heapq.heappop(heap)
                 node = self._pop_child(pool, heap, source, parent)
                 size += 1
+                popped += 1
                 if pool.depth[node] < max_depth:
                     batch.append(node)
             if batch and size < self.grow_budget:
                 for node, row in zip(batch, pool.expand(batch)):
                     self._open(pool, heap, source, node, row)
+
+    def stats(self) -> dict:
+        return {**super().stats(), "reconstruction": "no released code; built from arXiv 2410.11744",
+                "expansion": "best-first" if not self.band else f"banded best-first (band {self.band})"}
 
     def _open(self, pool: Pool, heap, source, node: int, logprobs: torch.Tensor) -> None:
         """Register ``node``'s children source from its raw draft log q [V] and push its first child."""

@@ -1,5 +1,5 @@
 """Kangaroo: lossless self-speculative decoding via double early exiting (Liu et al., arXiv 2404.18911;
-released code ``Equationliu/Kangaroo`` @ 4f0949d, greedy chain drafts only). Spec: specs/kangaroo.md.
+released code ``Equationliu/Kangaroo`` @ 4f0949d, greedy chain drafts only).
 
     python run.py method=kangaroo                              # drafter=kangaroo: layer 2 + the trained adapter
     python run.py method=kangaroo method.reuse_shallow=false   # verify with the full model
@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from methods._draft import DraftModelProposer
+from specdec.errors import SettingError
 from specdec.drafter import EarlyExitDrafter
 from specdec.proposer import Context, MethodEnv, register
 from specdec.target import ShallowStates
@@ -42,22 +43,22 @@ class Kangaroo(DraftModelProposer):
                  draft_mode: str = "chain", tree_topk: int = 3, sampling_rule: str = CHAIN_SAMPLED):
         super().__init__(env, "kangaroo")
         if not isinstance(self.drafter, EarlyExitDrafter):
-            raise ValueError("kangaroo drafts with the target's own first layers: use drafter=kangaroo or early_exit")
+            raise SettingError("kangaroo drafts with the target's own first layers: use drafter=kangaroo or early_exit")
         if max_steps < 1 or not 0.0 <= threshold <= 1.0 or tree_topk < 1:
-            raise ValueError(f"need max_steps >= 1, 0 <= threshold <= 1, tree_topk >= 1 "
+            raise SettingError(f"need max_steps >= 1, 0 <= threshold <= 1, tree_topk >= 1 "
                              f"(got {max_steps}, {threshold}, {tree_topk})")
         if draft_mode not in ("chain", "tree") or sampling_rule not in (CHAIN_SAMPLED, DETERMINISTIC):
-            raise ValueError(f"draft_mode must be chain|tree and sampling_rule {CHAIN_SAMPLED}|{DETERMINISTIC}")
+            raise SettingError(f"draft_mode must be chain|tree and sampling_rule {CHAIN_SAMPLED}|{DETERMINISTIC}")
         self.max_steps, self.threshold, self.reuse_shallow = max_steps, threshold, reuse_shallow
         self.topk = tree_topk if draft_mode == "tree" else 1
         self.sampled = not self.greedy and draft_mode == "chain" and sampling_rule == CHAIN_SAMPLED
         self.exit_layer = self.drafter.exit_layer
         self._counts = {"steps": 0, "early_exits": 0, "drafts": 0}
 
-    def reset(self, scope: str) -> None:
-        super().reset(scope)
-        if scope == "run":
-            self._counts = dict.fromkeys(self._counts, 0)
+    def reset_stats(self) -> None:
+        """Zero the step / early-exit / draft counters (and the drafter's); Kangaroo learns nothing across steps."""
+        super().reset_stats()
+        self._counts = dict.fromkeys(self._counts, 0)
 
     def propose(self, ctx: Context) -> DraftTree:
         depth = self.depth(ctx, self.max_steps)

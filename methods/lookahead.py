@@ -2,8 +2,8 @@
 
 Zhao et al., "Lookahead: An Inference Acceleration Framework for Large Language Model with Lossless
 Generation Accuracy", KDD 2024, arXiv 2312.12728; released code alipay/PainlessInferenceAcceleration
-(``lookahead/common/lookahead_cache.py``, ``pia/lookahead/common/lookahead_cache.py``). Spec:
-specs/lookahead.md part A. (Not hao-ai-lab's Jacobi "lookahead decoding".)
+(``lookahead/common/lookahead_cache.py``, ``pia/lookahead/common/lookahead_cache.py``). Design notes:
+docs/lookahead.md part A. (Not hao-ai-lab's Jacobi "lookahead decoding".)
 
     python run.py method=lookahead                 # released defaults (decoding_length 64, branch_length 12)
     python run.py method=lookahead_cpu             # CPU-sized tree, chosen by measurement
@@ -19,9 +19,9 @@ draft tree, in DFS order (topological; siblings by mixed frequency, descending):
 ``hier`` = trie-shaped, ``par`` = the same root-to-leaf paths as disjoint chains (duplicate
 prefixes, as the paper's parallel baseline), ``one`` = a single greedy branch. Kind: deterministic.
 
-Details the spec leaves open or marks [U], and how they are read here:
+Details the paper and the release leave open or that are [U], and how they are read here:
 * Versions of the released code disagree on the ravel depth (``branch_length`` in
-  ``pia/``, ``branch_length - 1`` in an older copy); we follow the spec: depth <= ``branch_length``.
+  ``pia/``, ``branch_length - 1`` in an older copy); we follow docs/lookahead.md: depth <= ``branch_length``.
 * Prompt insertion (``prompt_insertion``): the released ``put`` cuts the prompt at its first EOS
   (any of the generation config's EOS ids) before inserting it, and so does ``released`` (default).
   With chat templates whose end-of-turn token is the EOS (SmolLM2's ``<|im_end|>`` = 2) that keeps
@@ -69,6 +69,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from specdec.errors import SettingError
 from specdec.corpus import corpus_path, corpus_records, record_texts
 from specdec.prompts import stop_ids as model_stop_ids
 from specdec.proposer import Context, MethodEnv, Proposer, StepResult, register
@@ -454,17 +455,17 @@ class Lookahead(Proposer):
         mode, _, rank = decoding_mode.partition("_")
         rank = rank or "mix"
         if mode not in MODES or rank not in RANKS:
-            raise ValueError(f"decoding_mode {decoding_mode!r}: expected one of {MODES}, "
+            raise SettingError(f"decoding_mode {decoding_mode!r}: expected one of {MODES}, "
                              "optionally suffixed _mix/_input/_output")
         if reset_policy not in RESET_POLICIES:
-            raise ValueError(f"reset_policy must be one of {RESET_POLICIES}")
+            raise SettingError(f"reset_policy must be one of {RESET_POLICIES}")
         if budget_filter not in BUDGET_FILTERS:
-            raise ValueError(f"budget_filter must be one of {BUDGET_FILTERS}, got {budget_filter!r}")
+            raise SettingError(f"budget_filter must be one of {BUDGET_FILTERS}, got {budget_filter!r}")
         if prompt_insertion not in PROMPT_INSERTIONS:
-            raise ValueError(f"prompt_insertion must be one of {PROMPT_INSERTIONS}, got {prompt_insertion!r}")
+            raise SettingError(f"prompt_insertion must be one of {PROMPT_INSERTIONS}, got {prompt_insertion!r}")
         self.budget_filter, self.prompt_insertion = budget_filter, prompt_insertion
         if decoding_length < 1 or branch_length < 0 or max_query_length < 1:
-            raise ValueError("decoding_length >= 1, branch_length >= 0 and max_query_length >= 1 are required")
+            raise SettingError("decoding_length >= 1, branch_length >= 0 and max_query_length >= 1 are required")
         self.decoding_length, self.branch_length = decoding_length, branch_length
         self.mode, self.rank = mode, rank
         self.max_query_length = max_query_length
@@ -489,7 +490,7 @@ class Lookahead(Proposer):
         if source in (None, "none", "null", ""):
             return [], {**info, "warm_start": None}
         if self.env.tokenizer is None:
-            raise ValueError("warm_start needs the target's tokenizer")
+            raise SettingError("warm_start needs the target's tokenizer")
         start = time.perf_counter()
         texts, corpus_info = read_answers(source, max_records)
         header = assistant_header_ids(self.env.tokenizer)
@@ -528,11 +529,12 @@ class Lookahead(Proposer):
     def reset(self, scope: str) -> None:
         """``run``: back to the (warm-started) initial tries; ``question``: the same with
         ``reset_policy: per_question``, nothing with ``never`` (the paper: tries persist)."""
-        if scope == "run":
-            self.update_time = 0.0
         if (scope == "run" or (scope == "question" and self.reset_policy == "per_question")) and self.dirty:
             self.forest = self._fresh_forest()
             self.dirty = False
+
+    def reset_stats(self) -> None:
+        self.update_time = 0.0
 
     # ------------------------------------------------------------------ one generation
     def begin(self, ctx: Context) -> None:

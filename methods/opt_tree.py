@@ -1,4 +1,4 @@
-"""OPT-Tree (Wang et al., TACL 2025, arXiv 2406.17276; specs/dynamic_trees.md §2) over any drafter.
+"""OPT-Tree (Wang et al., TACL 2025, arXiv 2406.17276; released code Jikai0Wang/OPT-Tree @ 4f87f54) over any drafter.
 
     python run.py method=opt_tree drafter=early_exit
 
@@ -10,6 +10,10 @@ since the last layer and fewer than ``max_depth`` layers exist, else the tree is
 layers 1..L (as ``opt_classic/tree.py::Tree.update`` of the release: layer L+1 is only a look-ahead and
 its forward is spent). Draft cost: one forward of n nodes per layer. Children are top-ranked, so the tree
 is ``deterministic`` (the release verifies by sample-and-follow).
+
+Budget: ``nodes`` (and ``budget``, default ``nodes``) counts draft nodes, root excluded, as the release's
+``--nodes``: ``Tree.update`` keeps the top-``nnodes`` drafts and ``opt_classic/model.py`` prepends the last
+committed token, so a verify forward carries nodes + 1 tokens (51 at the default 50).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import math
 import torch
 
 from methods._dyntree import DynamicTreeProposer
+from specdec.errors import SettingError
 from specdec.proposer import MethodEnv, register
 from specdec.tree_builder import Pool
 
@@ -30,7 +35,7 @@ class OptTree(DynamicTreeProposer):
     def __init__(self, env: MethodEnv, nodes: int = 50, threshold: float = 0.5, max_depth: int = 10,
                  budget=None, latency_profile: str | None = None, auto_max_budget: int = 64):
         if nodes < 1 or max_depth < 2:
-            raise ValueError(f"nodes must be >= 1 and max_depth >= 2, got nodes={nodes}, max_depth={max_depth}")
+            raise SettingError(f"nodes must be >= 1 and max_depth >= 2, got nodes={nodes}, max_depth={max_depth}")
         self.nodes, self.threshold, self.max_layers = nodes, threshold, max_depth
         self.max_tree_depth = max_depth - 1
         super().__init__(env, self.key, nodes if budget is None else budget, latency_profile, auto_max_budget)

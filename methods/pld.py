@@ -30,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from specdec.errors import SettingError
 from specdec.prompts import stop_ids
 from specdec.proposer import Context, MethodEnv, Proposer, register
 from specdec.tree import DraftTree
@@ -65,9 +66,9 @@ class PromptLookup(Proposer):
                  lookup: str = "transformers"):
         super().__init__(env)
         if num_pred_tokens < 1 or max_ngram_size < 1:
-            raise ValueError("num_pred_tokens and max_ngram_size must be >= 1")
+            raise SettingError("num_pred_tokens and max_ngram_size must be >= 1")
         if lookup not in LOOKUPS:
-            raise ValueError(f"lookup must be one of {LOOKUPS}, not {lookup!r}")
+            raise SettingError(f"lookup must be one of {LOOKUPS}, not {lookup!r}")
         self.num_pred_tokens = num_pred_tokens
         self.max_ngram_size = max_ngram_size
         self.lookup = lookup

@@ -2,7 +2,7 @@
 
 Paper: Luo et al., "Turning Trash into Treasure: Accelerating Inference of Large Language Models
 with Token Recycling", arXiv 2408.08696 (ACL 2025). Released code: Luowaterbi/TokenRecycling
-@ 1b4c05c (restated here, not copied; the repository has no licence). Spec: specs/token_recycling.md.
+@ 1b4c05c (restated here, not copied; the repository has no licence). Design notes: docs/token_recycling.md.
 
     python run.py method=recycle            # the released "2.2.2" tree: 80 draft nodes + root
     python run.py method=recycle_cpu        # the CPU-sized nested subset chosen by measurement
@@ -15,7 +15,7 @@ top-k tokens the target predicted after the latest tree node holding ``t``. Each
   3. ``observe`` overwrites the rows of every tree token with the top-k of the target logits at that
      node (``update: all``) or of the accepted nodes only (``update: accepted``).
 
-Decisions on details the spec leaves open ([U] / [design]):
+Decisions on details the paper and the release leave open ([U] / [design]):
   * Duplicate writes in one update: the **last node in index order wins** (deterministic; on CUDA the
     released code's winner is unspecified).
   * The update on the last step of a generation (``final_update``; the table carries it into the
@@ -30,7 +30,7 @@ Decisions on details the spec leaves open ([U] / [design]):
     clears it: the paper's table lives for one process = one run. Whether warm-up trains the table is
     the core's ``warmup_keeps_state`` (the paper: it does; 3 warm-up runs).
   * ``dedup_siblings`` (default false = the released code: always the full template): cold rows are
-    eight copies of token 0, so siblings can repeat a token; ``true`` (verifier.md §2) drops the
+    eight copies of token 0, so siblings can repeat a token; ``true`` (docs/verifier.md §2) drops the
     repeat and its subtree before verification (the first copy = lowest rank stays). In 2.2.2 and its
     nested subsets every lower-rank sibling's subtree contains the higher-rank sibling's, so no
     acceptance is lost in that step, but the trajectory can change: the dropped nodes also wrote
@@ -58,6 +58,7 @@ from typing import Optional
 
 import torch
 
+from specdec.errors import SettingError
 from specdec.decode import device_work
 from specdec.prompts import stop_ids
 from specdec.proposer import Context, MethodEnv, Proposer, StepResult, register
@@ -147,7 +148,7 @@ class Template:
         nodes = set()
         for p in paths:
             if not p or any(r < 0 for r in p):
-                raise ValueError(f"template path {list(p)}: rank paths must be non-empty and ranks >= 0")
+                raise SettingError(f"template path {list(p)}: rank paths must be non-empty and ranks >= 0")
             nodes.update(tuple(p[:d]) for d in range(1, len(p) + 1))
         order = [()] + sorted(nodes, key=lambda p: (len(p), p))
         index = {p: i for i, p in enumerate(order)}
@@ -183,9 +184,9 @@ class Template:
 def nested_subset(paths: list[RankPath], n_nodes: int, order: str) -> list[RankPath]:
     """The first ``n_nodes`` draft nodes of ``paths`` in ``order``; ancestor-closed for both orders."""
     if order not in TREE_ORDERS:
-        raise ValueError(f"tree_order must be one of {TREE_ORDERS}, got {order!r}")
+        raise SettingError(f"tree_order must be one of {TREE_ORDERS}, got {order!r}")
     if not 1 <= n_nodes <= len(paths):
-        raise ValueError(f"tree_nodes must be in 1..{len(paths)} (draft nodes of the template), got {n_nodes}")
+        raise SettingError(f"tree_nodes must be in 1..{len(paths)} (draft nodes of the template), got {n_nodes}")
     if order == "bfs":
         ranked = sorted(paths, key=lambda p: (len(p), p))
     else:  # near-greedy first: 0, 00, 000, ..., then 1, 01, 10, 001, ...
@@ -201,15 +202,15 @@ def load_template(tree: str, tree_nodes: Optional[int], tree_order: str, k: int,
     else:
         path = _find_file(tree)
         if path is None:
-            raise ValueError(f"tree {tree!r} is neither a template name ({sorted(TEMPLATES)}) nor an existing file")
+            raise SettingError(f"tree {tree!r} is neither a template name ({sorted(TEMPLATES)}) nor an existing file")
         paths = sorted(set(Template.from_paths(read_paths(path)).paths[1:]))
     if tree_order not in TREE_ORDERS:
-        raise ValueError(f"tree_order must be one of {TREE_ORDERS}, got {tree_order!r}")
+        raise SettingError(f"tree_order must be one of {TREE_ORDERS}, got {tree_order!r}")
     if tree_nodes is not None:
         paths = nested_subset(paths, int(tree_nodes), tree_order)
     template = Template.from_paths(paths, device)
     if template.max_rank >= k:
-        raise ValueError(f"tree {tree!r} uses child rank {template.max_rank}, but a table row holds only k={k} "
+        raise SettingError(f"tree {tree!r} uses child rank {template.max_rank}, but a table row holds only k={k} "
                          f"candidates (ranks 0..{k - 1}); set k >= {template.max_rank + 1}")
     return template
 
@@ -237,15 +238,15 @@ class TokenRecycling(Proposer):
                  update_from_prefill: bool = False, dedup_siblings: bool = False, final_update: str = "released"):
         super().__init__(env)
         if int(k) < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise SettingError(f"k must be >= 1, got {k}")
         if reset not in RESET_POLICIES:
-            raise ValueError(f"reset must be one of {RESET_POLICIES}, got {reset!r}")
+            raise SettingError(f"reset must be one of {RESET_POLICIES}, got {reset!r}")
         if update not in UPDATE_POSITIONS:
-            raise ValueError(f"update must be one of {UPDATE_POSITIONS}, got {update!r}")
+            raise SettingError(f"update must be one of {UPDATE_POSITIONS}, got {update!r}")
         if table_dtype not in TABLE_DTYPES:
-            raise ValueError(f"table_dtype must be one of {sorted(TABLE_DTYPES)}, got {table_dtype!r}")
+            raise SettingError(f"table_dtype must be one of {sorted(TABLE_DTYPES)}, got {table_dtype!r}")
         if final_update not in FINAL_UPDATES:
-            raise ValueError(f"final_update must be one of {FINAL_UPDATES}, got {final_update!r}")
+            raise SettingError(f"final_update must be one of {FINAL_UPDATES}, got {final_update!r}")
         self.final_update = final_update
         self.stop_ids = (stop_ids(env.tokenizer, getattr(env.model, "generation_config", None))
                          if env.tokenizer is not None else frozenset())
@@ -253,9 +254,7 @@ class TokenRecycling(Proposer):
         self.update_from_prefill, self.dedup_siblings = bool(update_from_prefill), bool(dedup_siblings)
         self.template = load_template(tree, tree_nodes, tree_order, self.k, env.device)
         self.table = torch.zeros(env.vocab_size, self.k, dtype=TABLE_DTYPES[table_dtype], device=env.device)
-        self.observe_time = 0.0
-        self.steps = 0
-        self.pruned_nodes = 0
+        self.reset_stats()
 
     # ------------------------------------------------------------------ drafting
     def fill(self, root: int) -> torch.Tensor:
@@ -327,7 +326,7 @@ class TokenRecycling(Proposer):
             return
         model = self.env.model
         if model is None:
-            raise ValueError("update_from_prefill needs the target model in MethodEnv")
+            raise SettingError("update_from_prefill needs the target model in MethodEnv")
         ids = torch.tensor([ctx.tokens[:-1]], device=self.table.device)  # what the prefill encodes
         hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]  # [P, H]
         head = model.get_output_embeddings()
@@ -340,6 +339,11 @@ class TokenRecycling(Proposer):
                   "turn": self.reset_policy == "turn"}
         if clears[scope]:
             self.table.zero_()
+
+    def reset_stats(self) -> None:
+        self.observe_time = 0.0
+        self.steps = 0
+        self.pruned_nodes = 0
 
     def stats(self) -> dict:
         return {"table_bytes": self.table.numel() * self.table.element_size(), "vocab_size": self.table.shape[0],

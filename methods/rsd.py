@@ -1,5 +1,6 @@
 """RSD: recursive speculative decoding, draft trees sampled without replacement (Jeon et al., arXiv
-2402.14160; spectr_multidraft.md §4). No official code was found; the tree builders follow the spec.
+2402.14160; docs/spectr_multidraft.md §4).
+No official code was found; the tree builders follow docs/spectr_multidraft.md §4.
 
     python run.py method=rsd drafter=early_exit temperature=1                      # RSD-C, branching [3, 1, 1]
     python run.py method=rsd drafter=early_exit temperature=1 tree=beam beam_width=4 depth=4   # RSD-S
@@ -11,8 +12,8 @@
   parent's perturbed score; the kept siblings are a prefix of their parent's Gumbel order.
 The verifier's ``without_replacement`` rule renormalises q after each rejected sibling. Under greedy
 the noise is zero: RSD-C becomes a top-b tree and RSD-S a plain beam search on the draft logits.
-Exactness of the RSD-S variant relies on the spec's [U] reading (siblings kept = a prefix of the
-per-node draw order); tests/test_multidraft.py checks it statistically on a tiny model.
+Exactness of the RSD-S variant relies on the [U] reading of docs/spectr_multidraft.md §4 (siblings kept
+= a prefix of the per-node draw order); tests/test_multidraft.py checks it statistically on a tiny model.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from methods._draft import DraftModelProposer
+from specdec.errors import SettingError
 from specdec.proposer import Context, MethodEnv, register
 from specdec.tree import WITHOUT_REPLACEMENT, DraftTree
 
@@ -46,11 +48,11 @@ class RSD(DraftModelProposer):
                  beam_width: int = 4, depth: int = 4):
         super().__init__(env, "rsd")
         if tree not in TREES:
-            raise ValueError(f"tree must be one of {TREES}, got {tree!r}")
+            raise SettingError(f"tree must be one of {TREES}, got {tree!r}")
         if tree == "constant" and (not branching or min(branching) < 1):
-            raise ValueError(f"branching must be a non-empty list of positive ints, got {branching}")
+            raise SettingError(f"branching must be a non-empty list of positive ints, got {branching}")
         if tree == "beam" and (beam_width < 1 or depth < 1):
-            raise ValueError(f"beam_width and depth must be >= 1, got {beam_width}, {depth}")
+            raise SettingError(f"beam_width and depth must be >= 1, got {beam_width}, {depth}")
         self.kind, self.branching = tree, [int(b) for b in branching]
         self.beam_width, self.beam_depth = beam_width, depth
 

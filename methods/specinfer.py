@@ -1,5 +1,5 @@
 """SpecInfer: k i.i.d. draft sequences merged into a token tree, verified by multi-step speculative
-sampling (Miao et al., arXiv 2305.09781; spectr_multidraft.md §2).
+sampling (Miao et al., arXiv 2305.09781; docs/spectr_multidraft.md §2).
 
     python run.py method=specinfer drafter=early_exit temperature=1
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from methods._draft import DraftModelProposer
+from specdec.errors import SettingError
 from specdec.proposer import Context, MethodEnv, register
 from specdec.tree import IID, DraftTree
 
@@ -29,7 +30,7 @@ class SpecInfer(DraftModelProposer):
     def __init__(self, env: MethodEnv, k: int = 4, length: int = 4):
         super().__init__(env, self.key)
         if k < 1 or length < 1:
-            raise ValueError(f"k and length must be >= 1, got k={k}, length={length}")
+            raise SettingError(f"k and length must be >= 1, got k={k}, length={length}")
         self.k, self.length = k, length
 
     def children(self, logits: torch.Tensor, draws: int, level: int) -> tuple[list[int], list[int], torch.Tensor | None]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from methods._draft import DraftModelProposer
+from specdec.errors import SettingError
 from specdec.proposer import Context, MethodEnv, register
 from specdec.tree import CHAIN_SAMPLED, DraftTree
 
@@ -25,7 +26,7 @@ class SpS(DraftModelProposer):
     def __init__(self, env: MethodEnv, gamma: int = 5):
         super().__init__(env, "sps")
         if gamma < 1:
-            raise ValueError(f"gamma must be >= 1, got {gamma}")
+            raise SettingError(f"gamma must be >= 1, got {gamma}")
         self.gamma = gamma
 
     def propose(self, ctx: Context) -> DraftTree:

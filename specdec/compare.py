@@ -52,21 +52,35 @@ class Arm:
         return self.answers.path.parent
 
 
-def method_config(name: str) -> DictConfig:
-    """``conf/method/<name>.yaml`` composed by Hydra exactly as ``run.py method=<name>`` would."""
+def command_line_overrides() -> list[str]:
+    """This process's command-line overrides except ``methods``, ``method`` and ``hydra.*`` ([] outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not launched by @hydra.main (e.g. a test composing configs itself)
+        return []
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("methods", "method")
+            and not o.lstrip("+~").startswith("hydra.")]
+
+
+def method_config(name: str, overrides: list[str] = ()) -> DictConfig:
+    """The run config Hydra composes for ``run.py method=<name>`` plus this command line's ``overrides``: the
+    method's YAML and its drafter -- the method's default drafter (e.g. kangaroo's adapter) unless the
+    command line names one (``drafter=...``, then for every compared method, as for run.py)."""
     from hydra import compose
     from hydra.errors import MissingConfigException
 
     try:
-        return compose(config_name="config", overrides=[f"method={name}"]).method
+        return compose(config_name="config", overrides=[*overrides, f"method={name}"])
     except MissingConfigException:
         known = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "method").glob("*.yaml"))
         raise UserError(f"unknown method {name!r} in methods; available: {', '.join(known)}") from None
 
 
 def compared_methods(cfg: DictConfig) -> dict[str, DictConfig]:
-    """The compared methods' configs by name, after the checks that only apply to a comparison (before
-    the model loads, so a typo fails at once)."""
+    """Each compared method's composed run config by name (``method_config``), after the checks that only
+    apply to a comparison (before the model loads, so a typo fails at once)."""
     names = list(cfg.get("methods") or [])
     if not names or len(set(names)) != len(names) or BASELINE in names:
         raise UserError(f"methods must be a non-empty list of distinct method keys without {BASELINE!r} "
@@ -77,21 +91,25 @@ def compared_methods(cfg: DictConfig) -> dict[str, DictConfig]:
         raise UserError("a comparison writes no W&B runs (logger must be none); run.py logs one method to W&B")
     if cfg.method.proposer != BASELINE:
         raise UserError(f"a comparison's method must be {BASELINE!r} (the baseline), got {cfg.method.name!r}")
-    return {name: method_config(name) for name in names}
+    overrides = command_line_overrides()
+    return {name: method_config(name, overrides) for name in names}
 
 
-def make_arm(runner: Runner, cfg: DictConfig, out_dir: Path, name: str, method_cfg: DictConfig) -> Arm:
+def make_arm(runner: Runner, cfg: DictConfig, out_dir: Path, name: str, composed: DictConfig) -> Arm:
+    """One compared method: the comparison's config with the method and drafter ``composed`` for it."""
     arm_cfg = copy.deepcopy(cfg)
     with open_dict(arm_cfg):
         del arm_cfg["methods"]
         if name == BASELINE:
             arm_cfg.baseline = "none"  # AR's own answers; they are the others' paired baselines
         else:
-            arm_cfg.method = method_cfg
+            arm_cfg.method, arm_cfg.drafter = composed.method, composed.drafter
     run_dir = out_dir / name
     (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
     OmegaConf.save(arm_cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
-    proposer = runner.proposer if name == BASELINE else runner.build(arm_cfg.method)
+    proposer = runner.proposer if name == BASELINE else runner.build(arm_cfg)
+    if name != BASELINE:
+        log.info("%s drafts with drafter=%s", name, arm_cfg.drafter.get("name", "none"))
     return Arm(name, arm_cfg, proposer, AnswerFile(run_dir / "answers.jsonl"))
 
 
@@ -132,7 +150,7 @@ def answer_question(runner: Runner, arms: list[Arm], question: dict, index: int)
 def compare(cfg: DictConfig, out_dir: Path) -> list[Path]:
     """Run AR and ``cfg.methods`` side by side into ``out_dir/<method>/``; write and print the table and
     the chart; return their paths."""
-    methods = {BASELINE: cfg.method, **compared_methods(cfg)}
+    methods = {BASELINE: cfg, **compared_methods(cfg)}
     questions, task_order = task_questions(cfg)
     runner = Runner(cfg)  # cfg.method is ar (conf/compare.yaml): runner.proposer answers as AR
     arms = [make_arm(runner, cfg, out_dir, name, method_cfg) for name, method_cfg in methods.items()]
@@ -147,6 +165,8 @@ def compare(cfg: DictConfig, out_dir: Path) -> list[Path]:
         arm.proposer.reset("run")
     if todo and cfg.warmup:
         warm_up(runner, arms, warmup_question(cfg, questions))
+    for arm in arms:
+        arm.proposer.reset_stats()  # method_stats count timed questions only, whatever warm-up kept
     position = {qid: i for i, qid in enumerate(questions["question_id"])}  # stable across resumes
     for q in tqdm(todo, desc=f"{'+'.join(a.name for a in arms)} on {cfg.task.name}", unit="question"):
         answer_question(runner, arms, q, position[q["question_id"]])

@@ -1,7 +1,7 @@
 """The decode loop: propose -> score -> accept -> commit, one verify forward per step.
 
 Every method, the autoregressive baseline included, runs through ``generate``; so all are timed
-by the same stopwatch and counted by the same truncation rule (specs/verifier.md §8):
+by the same stopwatch and counted by the same truncation rule (docs/verifier.md §8):
 the generated ids run up to and including the first stop id, capped at ``max_new_tokens``; tokens
 past either limit are never committed, counted or shown to the proposer.
 
@@ -134,10 +134,11 @@ def truncate(candidates: list[int], room: int, stop_ids: frozenset[int]) -> tupl
 
 
 def generate(target: Target, proposer: Proposer, prompt_ids: list[int], max_new_tokens: int,
-             stop_ids: frozenset[int], rule, clock: Stopwatch) -> Generation:
-    """Generate one turn. The caller has already called ``proposer.reset("turn")``."""
+             stop_ids: frozenset[int], rule, clock: Stopwatch, seed: int = 0) -> Generation:
+    """Generate one turn. The caller has already called ``proposer.reset("turn")``; ``seed`` (per question
+    and turn) seeds the proposer's random streams (``Context.seed``)."""
     gen = Generation()
-    ctx = Context(tokens=list(prompt_ids), prompt_len=len(prompt_ids), remaining=max_new_tokens)
+    ctx = Context(tokens=list(prompt_ids), prompt_len=len(prompt_ids), remaining=max_new_tokens, seed=seed)
     clock.sync()
     start = clock.mark()
     target.keep_hidden = proposer.wants_hidden

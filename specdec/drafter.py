@@ -11,7 +11,7 @@ the method, and reaches the method through ``MethodEnv.drafter``. Its API, per v
 Draft-tree node 0 is the root (the last committed token); ``expand`` numbers new nodes after the
 existing ones, and ``parents`` index that numbering (a parent precedes its children). Logits are raw
 float32 over the *target's* vocabulary; methods turn them into draft probabilities with the target's
-own processors (``acceptance.processed_probs``) so q and p are comparable (spectr_multidraft.md §0).
+own processors (``acceptance.processed_probs``) so q and p are comparable (docs/spectr_multidraft.md §0).
 
 Cache invariant (as the target's, tree.py): after ``follow(tokens)`` the cache holds exactly
 ``tokens[:-1]`` followed by the root's row. ``follow`` keeps the rows of last step's draft nodes that
@@ -105,6 +105,10 @@ class Drafter(ABC):
 
     def stats(self) -> dict:
         return {"drafter": self.kind, "draft_forwards": self.forwards}
+
+    def reset_stats(self) -> None:
+        """Zero the forward count (the runner does so before the first timed question)."""
+        self.forwards = 0
 
     # ------------------------------------------------------------------ cache bookkeeping
     def _reset(self) -> None:

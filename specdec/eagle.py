@@ -1,5 +1,5 @@
 """The EAGLE drafter: an EAGLE head (``specdec.heads.EagleHead``) autoregressing on the target's features
-(Li et al. 2024, EAGLE / EAGLE-2; specs/dynamic_trees.md §1, §5b).
+(Li et al. 2024, EAGLE / EAGLE-2; docs/dynamic_trees.md §1, §5b).
 
     python run.py method=eagle2 drafter=eagle           # conf/drafter/eagle.yaml: the head trained here
 
@@ -9,7 +9,7 @@ frozen LM head turns a predicted feature into draft logits (as ``specdec.train``
 
 Rows of committed tokens are *stable*: they use the target's true features, which the decode loop
 hands over in ``Context.hidden`` (the target keeps its final norm's output when a proposer sets
-``wants_hidden``; specs/verifier.md §10). Draft-tree rows use the head's own predicted feature of the
+``wants_hidden``; docs/verifier.md §10). Draft-tree rows use the head's own predicted feature of the
 parent node. After a step, the tree rows are dropped and the newly committed tokens are re-fed with
 the target's features (EAGLE's released code does the same), so row j always holds the true (f_j,
 x_{j+1}); the root's row of the last step is already stable (its feature was the target's).
@@ -98,11 +98,11 @@ class EagleDrafter(Drafter):
 
 def build_eagle_drafter(cfg: dict, model, vocab_size: int) -> EagleDrafter:
     """``conf/drafter/eagle.yaml``: the head checkpoint (``specdec.heads.save_head`` format) around ``model``."""
-    from .heads import load_head
+    from .heads import head_file, load_head
 
     if not cfg.get("head"):
         raise UserError("drafter=eagle needs drafter.head=<checkpoint .safetensors> (train one: python -m specdec.train head=eagle)")
     path = Path(cfg["head"])
-    if not path.is_absolute() and not path.with_suffix(".json").is_file():  # repo-relative, run from anywhere
+    if not path.is_absolute() and not head_file(path, ".json").is_file():  # repo-relative, run from anywhere
         path = Path(__file__).resolve().parent.parent / path
     return EagleDrafter(model, load_head(path, model), vocab_size)

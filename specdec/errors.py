@@ -18,3 +18,9 @@ def run_in_output_dir(job) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+class SettingError(UserError, ValueError):
+    """A method's constructor refusing one of its settings (a bad knob value in its YAML or on the command
+    line); ``build_proposer`` turns it into one line naming the method. Any other exception raised while
+    building a method is a bug and keeps its traceback."""

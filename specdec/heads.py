@@ -19,7 +19,9 @@ as its ``hidden``; see its ``forward``.
 
 Checkpoints: ``save_head(head, path)`` writes ``path.safetensors`` (trainable weights only) and
 ``path.json`` (kind, target name, exit layer, dims); ``load_head(path, model)`` rebuilds the head
-around the given target model and checks the dims.
+around the given target model and checks the dims. ``path`` may name either file or their common stem;
+only those known extensions are stripped (``head_stem``), so dotted model names such as
+``kangaroo-qwen2.5-0.5b-l2`` stay whole.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from torch import nn
 from .errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+HEAD_SUFFIXES = (".safetensors", ".json", ".md")  # the files of one head: weights, config, card
 
 
 def _decoder(model):
@@ -117,32 +120,45 @@ def head_state(head: nn.Module) -> dict:
     return head.trainable_state() if hasattr(head, "trainable_state") else head.state_dict()
 
 
+def head_stem(path: str | Path) -> Path:
+    """``path`` without a head file's extension (``HEAD_SUFFIXES``), else unchanged. Never
+    ``with_suffix("")``/``Path.stem``: they cut a dotted name (``kangaroo-qwen2.5-0.5b-l2`` -> ``kangaroo-qwen2.5-0``)."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(path.suffix)) if path.suffix in HEAD_SUFFIXES else path
+
+
+def head_file(path: str | Path, suffix: str) -> Path:
+    """The head file ``<stem><suffix>`` (``suffix`` one of ``HEAD_SUFFIXES``) for a stem or any of its files."""
+    stem = head_stem(path)
+    return stem.with_name(stem.name + suffix)
+
+
 def save_head(head: nn.Module, path: str | Path, target_name: str, extra: dict | None = None,
               dtype: torch.dtype = torch.float16) -> Path:
     """Write ``<path>.safetensors`` (``dtype``: fp16 keeps SmolLM2's 4.2M-parameter EAGLE head under the
     10 MB a committed head may take) + ``<path>.json``; returns the .safetensors path."""
     from safetensors.torch import save_file
 
-    path = Path(path).with_suffix("")
+    path = head_stem(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in head_state(head).items()}
-    save_file(state, str(path) + ".safetensors")
+    save_file(state, str(head_file(path, ".safetensors")))
     meta = {"kind": head.kind, "target": target_name, "exit_layer": head.exit_layer,
             "hidden_size": head.config.hidden_size, "num_attention_heads": head.config.num_attention_heads,
             "num_key_value_heads": head.config.num_key_value_heads, "vocab_size": head.config.vocab_size,
             "dtype": str(dtype).removeprefix("torch."), **(extra or {})}
-    Path(str(path) + ".json").write_text(json.dumps(meta, indent=2) + "\n")
-    return Path(str(path) + ".safetensors")
+    head_file(path, ".json").write_text(json.dumps(meta, indent=2) + "\n")
+    return head_file(path, ".safetensors")
 
 
 def load_head(path: str | Path, model) -> nn.Module:
     """Rebuild a saved head around ``model`` (the target it was trained for; dims are checked)."""
     from safetensors.torch import load_file
 
-    path = Path(path).with_suffix("")
-    if not path.is_absolute() and not Path(str(path) + ".json").exists():
+    path = head_stem(path)
+    if not path.is_absolute() and not head_file(path, ".json").exists():
         path = REPO_ROOT / path  # config paths are relative to the repo root
-    weights, meta_file = Path(str(path) + ".safetensors"), Path(str(path) + ".json")
+    weights, meta_file = head_file(path, ".safetensors"), head_file(path, ".json")
     if not weights.is_file() or not meta_file.is_file():
         raise UserError(f"draft head {path} not found (need {weights.name} and {meta_file.name}); "
                         f"train one with `python -m specdec.train`")

@@ -8,7 +8,7 @@ layers, norm" (Llama, Qwen2, Mistral, SmolLM2, ...). At construction a 4-token p
 split run reproduces the model's own logits, so a model that does more between layers (e.g. Gemma's
 embedding scale, per-layer-type rotary) fails with one clear line instead of drafting garbage.
 
-Masks are additive floats in the model dtype (specs/verifier.md §3): 0 where a query may attend,
+Masks are additive floats in the model dtype (docs/verifier.md §3): 0 where a query may attend,
 ``finfo.min`` elsewhere; ``attention_mask`` is the one place that builds them (``Target`` uses it too).
 Sliding-window layers are not modelled: the mask is full-context, as the target's tree path.
 

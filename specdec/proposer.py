@@ -9,6 +9,14 @@ Call order per generation (one turn):  ``reset("turn")`` -> ``begin(ctx)`` ->
 ``propose(ctx)`` / ``observe(step)`` per step -> ``end(ctx)``. ``reset("question")`` precedes
 each question and ``reset("run")`` starts a run (and follows warm-up unless
 ``warmup_keeps_state``). What a scope clears is the method's own policy.
+
+*Learned state* (tables, tries, calibration) and *stats* (the counters ``stats()`` reports) are kept
+apart: ``reset(scope)`` forgets learned state only, ``reset_stats()`` zeroes the counters only. The
+runner calls ``reset_stats()`` right before the first timed question, so a summary's ``method_stats``
+never include warm-up, whatever ``warmup_keeps_state`` keeps.
+
+Randomness: ``Context.seed`` is set per (question, turn) by the runner; a proposer that draws random
+numbers seeds its streams from it in ``begin`` so a resumed run draws exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .errors import UserError
+from .errors import SettingError, UserError
 from .tree import DraftTree
 
 SCOPES = ("run", "question", "turn")
@@ -35,6 +43,7 @@ class Context:
     # The target's last hidden states at ``tokens[:-1]`` [len(tokens) - 1, H]; only for proposers with
     # ``wants_hidden`` (feature-based drafters: EAGLE heads), else None.
     hidden: Optional[torch.Tensor] = None
+    seed: int = 0      # this (question, turn)'s seed: proposers seed their random streams from it in ``begin``
 
     @property
     def root(self) -> int:
@@ -95,7 +104,10 @@ class Proposer:
         """The generation finished (stop token or length)."""
 
     def reset(self, scope: str) -> None:
-        """Forget learned state according to the method's policy for ``scope`` (``SCOPES``)."""
+        """Forget learned state according to the method's policy for ``scope`` (``SCOPES``); never the stats."""
+
+    def reset_stats(self) -> None:
+        """Zero the counters that ``stats()`` reports (called before the first timed question); keep learned state."""
 
     def stats(self) -> dict:
         """Figures recorded in the run summary (e.g. table memory)."""
@@ -143,6 +155,10 @@ def build_proposer(method_cfg: dict, env: MethodEnv) -> Proposer:
         allowed = sorted(p for p in params if p not in ("self", "env"))
         raise UserError(f"method {cfg.get('name', key)!r}: unknown setting(s) {unknown}; allowed: {allowed}")
     try:
+        inspect.signature(cls).bind(env, **knobs)  # a missing setting is a config mistake
+    except TypeError as err:
+        raise UserError(f"method {cfg.get('name', key)!r}: {err}") from None
+    try:
         return cls(env, **knobs)
-    except (TypeError, ValueError) as err:
+    except SettingError as err:  # only a refused setting reads as one line; any other error is a bug: traceback
         raise UserError(f"method {cfg.get('name', key)!r}: {err}") from None

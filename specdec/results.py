@@ -1,6 +1,6 @@
 """Result files of a run dir: ``answers.jsonl`` (one Spec-Bench answer record per question, appended and
 flushed as each question finishes) and ``summary.json`` (per-task aggregates computed exactly as
-Spec-Bench's ``evaluation/speed.py``; specs/spec_bench.md §4).
+Spec-Bench's ``evaluation/speed.py``; docs/spec_bench.md §4).
 
 Aggregates, per task and ``overall``:
   tokens_per_s          mean over questions of (Σ_turns new_tokens / Σ_turns wall_time)

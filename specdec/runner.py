@@ -68,18 +68,18 @@ class Runner:
         self.stops = stop_ids(self.tokenizer, self.model.generation_config)
         self.context_len = getattr(self.model.config, "max_position_embeddings", None)
         self.clock = Stopwatch(self.device)
+        self.proposer = self.build(cfg)
+        self.baseline = Proposer(self.proposer.env) if cfg.baseline == "paired" else None
+
+    def build(self, cfg: DictConfig) -> Proposer:
+        """The proposer of a run config -- its ``method`` with its own ``drafter`` -- on this run's target
+        (``specdec.compare`` builds one per compared method, each with the drafter its composition names)."""
         drafter_cfg = OmegaConf.to_container(cfg.drafter, resolve=True) if cfg.get("drafter") else None
         drafter = build_drafter(drafter_cfg, self.model, self.tokenizer, vocab_size(self.model), default_cache_dir())
         env = MethodEnv(vocab_size=vocab_size(self.model), device=self.device, tokenizer=self.tokenizer,
                         model=self.model, seed=int(cfg.seed), cache_dir=str(default_cache_dir()), drafter=drafter,
                         temperature=float(cfg.temperature), top_k=int(cfg.top_k), top_p=float(cfg.top_p))
-        self.proposer = build_proposer(OmegaConf.to_container(cfg.method, resolve=True), env)
-        self.baseline = Proposer(env) if cfg.baseline == "paired" else None
-        self.env = env  # specdec.compare builds further proposers on the same target
-
-    def build(self, method_cfg: DictConfig) -> Proposer:
-        """A proposer for one ``conf/method`` config, sharing this run's model and environment."""
-        return build_proposer(OmegaConf.to_container(method_cfg, resolve=True), self.env)
+        return build_proposer(OmegaConf.to_container(cfg.method, resolve=True), env)
 
     def check_fits(self, question: dict, prompt_ids: list[int]) -> None:
         if self.context_len and len(prompt_ids) + int(self.cfg.max_new_tokens) > self.context_len:
@@ -87,15 +87,20 @@ class Runner:
                             f"max_new_tokens={self.cfg.max_new_tokens} exceeds the model's context of {self.context_len}")
 
     def answer(self, question: dict, proposer: Proposer, seed: int) -> Answer:
+        """Every turn of ``question``; each turn's random streams (acceptance here, drafting in the proposer
+        via ``Context.seed``) are seeded from (``seed``, turn) alone, so a resumed run answers as an
+        uninterrupted one."""
         proposer.reset("question")
         texts, gens, prompts = [], [], []
         for turn in range(len(question["turns"])):
             prompt_ids = self.prompts.ids(question["turns"][:turn + 1], texts)
             self.check_fits(question, prompt_ids)
             proposer.reset("turn")
+            turn_seed = seed * 1000 + turn
             rule = make_rule(self.cfg.temperature, self.cfg.top_k, self.cfg.top_p,
-                             torch.Generator().manual_seed(seed * 1000 + turn))
-            gen = generate(self.target, proposer, prompt_ids, int(self.cfg.max_new_tokens), self.stops, rule, self.clock)
+                             torch.Generator().manual_seed(turn_seed))
+            gen = generate(self.target, proposer, prompt_ids, int(self.cfg.max_new_tokens), self.stops, rule, self.clock,
+                           seed=turn_seed)
             texts.append(self.prompts.answer_text(gen.output_ids))
             gens.append(gen)
             prompts.append(prompt_ids)
@@ -246,6 +251,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     runner.proposer.reset("run")
     if todo and cfg.warmup:
         runner.warm_up(warmup_question(cfg, questions))
+    runner.proposer.reset_stats()  # method_stats count timed questions only, whatever warm-up kept
     position = {qid: i for i, qid in enumerate(questions["question_id"])}  # stable across resumes
     for q in tqdm(todo, desc=f"{cfg.method.name} on {cfg.task.name}", unit="question"):
         index = position[q["question_id"]]

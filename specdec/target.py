@@ -1,11 +1,11 @@
 """The one owner of the target model and its KV cache: prefill, score a draft tree, commit a path.
 
 Works with any Hugging Face causal LM whose attention accepts a 4D additive float mask (sdpa or
-eager; never flash-attention, which ignores tree masks). Implements specs/verifier.md §3-§7:
+eager; never flash-attention, which ignores tree masks). Implements docs/verifier.md §3-§7:
 
 * mask ``[1, 1, T, P + T]`` in the model dtype: 0 on every prefix column and on a node's own
   ancestors (itself included), ``finfo.min`` elsewhere. A bool mask is never used: with eager
-  attention transformers 5.x *adds* it to the scores, which is silently wrong (§11.1).
+  attention transformers 5.x *adds* it to the scores, which is silently wrong (docs/verifier.md §11.1).
 * ``position_ids = P + depth`` passed explicitly (the default ``arange`` is wrong for trees).
 * after acceptance the cache keeps the prefix, the root and the accepted nodes, in that order.
 * sliding-window cache layers (Mistral, Gemma 2/3, Qwen2 with ``use_sliding_window``) keep only their last
@@ -40,7 +40,7 @@ from .tree import DraftTree
 
 @dataclass(frozen=True)
 class ShallowStates:
-    """What partial-depth verification resumes from (``DraftTree.shallow``; Kangaroo, verifier.md §10): states
+    """What partial-depth verification resumes from (``DraftTree.shallow``; Kangaroo, docs/verifier.md §10): states
     the drafter computed with the target's own first ℓ layers for the tree's nodes, in tree order."""
 
     start_layer: int      # ℓ: verification runs layers [ℓ, L)
@@ -62,7 +62,7 @@ class Target:
         if self.device.type == "cpu":
             os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
         self.cache: DynamicCache | None = None
-        # Feature-based drafters (EAGLE heads, specs/verifier.md §10): when ``keep_hidden`` is set, prefill and
+        # Feature-based drafters (EAGLE heads, docs/verifier.md §10): when ``keep_hidden`` is set, prefill and
         # score leave the last layer's hidden states (the final norm's output, one row per input token) in
         # ``hidden`` [n, H], captured by a forward hook -- no other layer's states are materialised.
         self.keep_hidden = False
@@ -107,7 +107,7 @@ class Target:
         """One forward over all tree nodes. Returns float32 logits ``[T, V]``; the cache grows by T."""
         P = self.cache_len
         self.check_room(tree.size)
-        if tree.shallow is not None:  # Kangaroo: resume at layer ℓ from the drafter's states (verifier.md §10)
+        if tree.shallow is not None:  # Kangaroo: resume at layer ℓ from the drafter's states (docs/verifier.md §10)
             return self.score_from(tree, tree.shallow)
         with self._tap_hidden():
             if tree.size == 1:  # the plain one-token step: no mask needed, causal == tree

@@ -1,4 +1,4 @@
-"""Token-level acceptance of the multi-draft rules on real (p, q) pairs (issue 10; spectr_multidraft.md §9).
+"""Token-level acceptance of the multi-draft rules on real (p, q) pairs (issue 10; docs/spectr_multidraft.md §9).
 
 End-to-end block efficiency (``make bench-multidraft``) compares rules on different sampled texts: with ~650
 verify steps per run MAT's standard error is ~0.03, as large as the gaps the papers report between SpecTr and
@@ -11,8 +11,13 @@ that a rule accepts one of K children drafted at a node:
   probability sum min(r_j, q) against the residual r_j, and r_{j+1} = norm((r_j - q)^+) does not depend on the
   draws, so P(accept) = 1 - prod_j (1 - sum min(r_j, q)).
 * SpecTr's K-SEQ: exact, 1 - (1 - beta)^K with beta = sum min(q, p / rho*) (the rule's own ``kseq_rho``).
-* Khisti et al.'s importance sampling (q cut to its top M, as ``methods/khisti.py`` drafts): exact,
-  sum min(p, r) with r the law of the selected draft (``is_selection_law``).
+  (The rule's descent into a child matched by the residual sample adds no token at this node: not counted.)
+* ``khisti``, Khisti et al.'s LP-optimised selection over a truncated alphabet (K i.i.d. draws from the full
+  q, as ``methods/khisti.py`` drafts): exact, sum min(p, r) with r the law of the pick (``lp_selection``).
+* ``khisti_sir``, the harness's simplified variant (q cut to its top M, as ``methods/khisti_sir.py`` drafts,
+  self-normalised IS pick): exact, sum min(p, r) with r the law of the pick (``is_selection_law``).
+* ``optimal``: no rule over K i.i.d. draws of q does better than min_S p(S) + 1 - q(S)^K
+  (``optimal_acceptance_bound``; Khisti et al.'s Section 3 optimum, attained by the untruncated LP).
 * RSD (K distinct draws without replacement, recursive rejection): Monte Carlo of the shipped rule
   (``Sampling._recursive``), ``--trials`` per pair and K.
 
@@ -31,15 +36,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from methods.khisti import truncate_top_m
+from methods.khisti_sir import truncate_top_m
 from methods.rsd import gumbel
 
-from .acceptance import Sampling, is_selection_law, kseq_rho, processed_probs, sampling_processors
+from .acceptance import (Sampling, is_selection_law, kseq_rho, lp_selection, optimal_acceptance_bound,
+                         processed_probs, sampling_processors)
 from .results import clustered_ratio_se
 
 log = logging.getLogger(__name__)
 
-RULES = ("specinfer", "spectr", "khisti", "rsd")
+RULES = ("specinfer", "spectr", "khisti", "khisti_sir", "rsd", "optimal")
+PAIRS = (("spectr", "specinfer"), ("khisti", "spectr"), ("khisti", "specinfer"), ("khisti", "khisti_sir"),
+         ("rsd", "specinfer"), ("optimal", "khisti"))  # (hi, lo): the papers' orderings as paired differences
 
 
 # ---------------------------------------------------------------- acceptance at one node, per rule
@@ -63,8 +71,13 @@ def accept_kseq(p: torch.Tensor, q: torch.Tensor, k: int) -> float:
     return 1.0 - (1.0 - beta) ** k
 
 
-def accept_is(p: torch.Tensor, q_top: torch.Tensor, k: int) -> float:
-    """Khisti et al.'s two-step IS with k i.i.d. draws from ``q_top`` (top-M q): sum min(p, r), exact."""
+def accept_khisti(p: torch.Tensor, q: torch.Tensor, k: int, lp_tokens: int = 5, tail_classes: int = 3) -> float:
+    """Khisti et al.'s LP-optimised selection with k i.i.d. draws from the full q: sum min(p, r), exact."""
+    return lp_selection(p, q, k, lp_tokens, tail_classes).acceptance(p)
+
+
+def accept_sir(p: torch.Tensor, q_top: torch.Tensor, k: int) -> float:
+    """khisti_sir's self-normalised IS pick with k i.i.d. draws from ``q_top`` (top-M q): sum min(p, r), exact."""
     return float(torch.minimum(p.double(), is_selection_law(p, q_top, k)).sum())
 
 
@@ -83,13 +96,15 @@ def accept_rsd(p: torch.Tensor, q: torch.Tensor, k: int, trials: int, generator:
 
 
 def node_acceptance(p: torch.Tensor, q: torch.Tensor, ks: list[int], top_m: int, trials: int,
-                    generator: torch.Generator) -> dict[str, list[float]]:
+                    generator: torch.Generator, lp_tokens: int = 5, tail_classes: int = 3) -> dict[str, list[float]]:
     """{rule: [P(accept) for k in ks]} at one node (p, q float32 [V])."""
-    q_top = truncate_top_m(q, top_m)  # the top-M q methods/khisti.py draws from
+    q_top = truncate_top_m(q, top_m)  # the top-M q methods/khisti_sir.py draws from
     return {"specinfer": [accept_specinfer(p, q, k) for k in ks],
             "spectr": [accept_kseq(p, q, k) for k in ks],
-            "khisti": [accept_is(p, q_top, k) for k in ks],
-            "rsd": [accept_rsd(p, q, k, trials, generator) for k in ks]}
+            "khisti": [accept_khisti(p, q, k, lp_tokens, tail_classes) for k in ks],
+            "khisti_sir": [accept_sir(p, q_top, k) for k in ks],
+            "rsd": [accept_rsd(p, q, k, trials, generator) for k in ks],
+            "optimal": [optimal_acceptance_bound(p, q, k) for k in ks]}
 
 
 # ---------------------------------------------------------------- pairs along sampled text
@@ -136,9 +151,9 @@ def summarize(rates: dict[str, np.ndarray], clusters: np.ndarray, ks: list[int])
     rows = []
     for i, k in enumerate(ks):
         row = {"K": k}
-        for rule in RULES:
+        for rule in [rule for rule in RULES if rule in rates]:
             row[rule], row[f"{rule} se"] = clustered_mean(rates[rule][:, i], clusters)
-        for hi, lo in (("spectr", "specinfer"), ("khisti", "spectr"), ("rsd", "specinfer")):
+        for hi, lo in [(hi, lo) for hi, lo in PAIRS if hi in rates and lo in rates]:
             diff, se = clustered_mean(rates[hi][:, i] - rates[lo][:, i], clusters)
             row[f"{hi}-{lo}"], row[f"z {hi}-{lo}"] = diff, diff / se if se and se > 0 else math.nan
         rows.append(row)
@@ -167,7 +182,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-m", type=int, default=10, help="Khisti et al.'s draft alphabet (methods/khisti.py)")
+    parser.add_argument("--top-m", type=int, default=10, help="khisti_sir's draft alphabet (methods/khisti_sir.py)")
+    parser.add_argument("--lp-tokens", type=int, default=5, help="khisti's single LP tokens s (methods/khisti.py)")
+    parser.add_argument("--tail-classes", type=int, default=3, help="khisti's tail runs (methods/khisti.py)")
     parser.add_argument("--trials", type=int, default=16, help="RSD Monte Carlo trials per pair and K (~5 ms each)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
@@ -195,14 +212,16 @@ def main(argv=None) -> dict:
                                    generator, stops)
         p_rows, q_rows = pairs_along(model, drafter, prompt, continuation, args.temperature, args.top_k, args.top_p)
         for p, q in zip(p_rows, q_rows):
-            for rule, values in node_acceptance(p, q, ks, args.top_m, args.trials, generator).items():
+            for rule, values in node_acceptance(p, q, ks, args.top_m, args.trials, generator, args.lp_tokens,
+                                                args.tail_classes).items():
                 rates[rule].append(values)
             clusters.append(text)
             tasks.append(question["task"])
     arrays = {rule: np.array(values) for rule, values in rates.items()}
     rows = summarize(arrays, np.array(clusters), ks)
     report = {"model": args.model, "drafter": args.drafter, "temperature": args.temperature, "top_k": args.top_k,
-              "top_p": args.top_p, "top_m": args.top_m, "rsd_trials": args.trials, "seed": args.seed,
+              "top_p": args.top_p, "top_m": args.top_m, "lp_tokens": args.lp_tokens,
+              "tail_classes": args.tail_classes, "rsd_trials": args.trials, "seed": args.seed,
               "texts": len(questions), "pairs": len(clusters), "ks": ks, "rows": rows,
               "per_task": {task: {rule: arrays[rule][np.array(tasks) == task].mean(0).tolist() for rule in RULES}
                            for task in dict.fromkeys(tasks)}}

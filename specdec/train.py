@@ -13,7 +13,9 @@ Arguments are ``key=value`` pairs of ``TrainConfig`` (a typo fails with one line
    (Kangaroo's and EAGLE's loss mask); answers are the dataset's, not regenerated (as released).
 2. Teacher: the target runs once, teacher-forced, over each conversation (``max_len`` tokens); the
    layer-ℓ states and the final post-norm states are cached in fp16 under
-   ``$SPECDEC_CACHE/teacher/<key>/`` (outside git), in shards, resumably. The target's next-token
+   ``$SPECDEC_CACHE/teacher/<key>/`` (outside git), in shards, resumably. The key holds the model's
+   identity (its path and revision: GGUF/weight files' path, size and mtime, or the hub snapshot's commit),
+   so two models that share a name never share a cache. The target's next-token
    distribution is recomputed from the cached final state with the frozen LM head.
 3. Loss (the only per-head piece): Kangaroo = soft cross-entropy between the target's next-token
    distribution and the draft's (``train.py`` of the release); EAGLE = smooth-L1 feature regression
@@ -22,7 +24,8 @@ Arguments are ``key=value`` pairs of ``TrainConfig`` (a typo fails with one line
 4. AdamW β = (0.9, 0.95), gradient value clipping 0.5 (both as released), linear warm-up then cosine
    decay (our choice for a short CPU run; the release warms up over 2000 of a nominal 800k steps, i.e.
    a near-constant lr that only a 24-GPU-hour budget can afford) with a larger lr (``lr``).
-   One conversation per step. Checkpoints every ``ckpt_every`` steps under ``out_dir``; rerunning the
+   One conversation per step. Checkpoints every ``ckpt_every`` steps under ``out_dir`` (with the tokens
+   seen and the training time, so a resumed run counts as an uninterrupted one); rerunning the
    same command resumes. Seeded: the same command gives the same weights (on the same machine/threads).
 5. Held-out accept rate Σ_v min(p_target, p_draft) (the release's logged "accept rate") and top-1
    agreement every ``eval_every`` steps, with tqdm and W&B (``wandb=offline|online|disabled``).
@@ -73,7 +76,7 @@ class TrainConfig:
     weight_decay: float = 0.0         # AdamW weight decay
     clip: float = 0.5                 # gradient value clipping (release: clip_grad_value 0.5)
     seed: int = 42                    # data shuffle (release: 42), init and noise
-    threads: int = 1                  # torch intra-op threads (the machine is shared)
+    threads: int = 1                  # torch intra-op threads (the machine is shared); set by the command line only
     eval_every: int = 100             # steps between held-out evaluations
     ckpt_every: int = 50              # steps between resumable checkpoints
     out_dir: str = ""                 # run dir (checkpoint, log, wandb); default $SPECDEC_CACHE/train/<name>
@@ -169,13 +172,46 @@ def load_conversations(cfg: TrainConfig, tok, chat_template) -> list[tuple]:
 
 # ---------------------------------------------------------------- teacher cache
 SHARD = 50
+MODEL_FILES = (".safetensors", ".bin", ".pt", ".gguf", ".json", ".model")  # weights, config, tokenizer
 
 
-def teacher_dir(cfg: TrainConfig, label: str) -> Path:
+def file_identity(path: Path) -> str:
+    """Path, size and mtime of a file (as ``corpus_fingerprint``): enough to invalidate a cache on change."""
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+
+
+def model_identity(path: str) -> str:
+    """The model's path and revision for the teacher-cache key: an embedded or local GGUF file's identity,
+    a local directory's weight/config/tokenizer files' identities, or a hub id with its cached snapshot
+    (the commit ``from_pretrained`` loaded); else ``path`` alone."""
+    from .models import embedded_gguf
+
+    if not path:
+        return ""
+    if path.startswith("embedded:"):
+        files = [embedded_gguf(path)]
+    elif Path(path).expanduser().exists():
+        root = Path(path).expanduser()
+        files = [root] if root.is_file() else sorted(p for p in root.iterdir() if p.suffix in MODEL_FILES)
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            config = try_to_load_from_cache(path, "config.json")
+        except ValueError:  # not a hub id either
+            return path
+        return f"{path}@{Path(config).parent.name}" if isinstance(config, str) else path
+    return "|".join([path] + [file_identity(f) for f in files])
+
+
+def teacher_dir(cfg: TrainConfig, label: str, source: str = "") -> Path:
+    """``$SPECDEC_CACHE/teacher/<label>-<hash>``; the hash covers the model (``source``: ``model_identity``),
+    the corpus file and the data settings."""
     from .corpus import corpus_fingerprint
     from .models import default_cache_dir
 
-    key = f"{label}|{corpus_fingerprint(cfg.corpus)}|{cfg.seed}|{cfg.max_len}|{cfg.records}|{cfg.heldout}"
+    key = f"{label}|{source}|{corpus_fingerprint(cfg.corpus)}|{cfg.seed}|{cfg.max_len}|{cfg.records}|{cfg.heldout}"
     return default_cache_dir() / "teacher" / f"{label}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
@@ -328,11 +364,11 @@ def start_wandb(cfg: TrainConfig, out_dir: Path, name: str):
 
 def train(cfg: TrainConfig, model=None, tok=None, label: str | None = None, convs: list | None = None) -> dict:
     """Run (or resume) one training job; returns the final record (also written beside the head).
-    Tests pass a tiny ``model`` and ready-made ``convs`` [(ids [n], assistant [n] bool)] instead of the corpus."""
-    from .heads import HEADS, save_head
+    Tests pass a tiny ``model`` and ready-made ``convs`` [(ids [n], assistant [n] bool)] instead of the corpus.
+    Process-wide settings (``cfg.threads``) are the command line's (``main``), not this function's."""
+    from .heads import HEADS, head_file, save_head
     from .models import default_cache_dir, load_model, resolve_device, resolve_dtype
 
-    torch.set_num_threads(cfg.threads)
     t_start = time.time()
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -340,6 +376,9 @@ def train(cfg: TrainConfig, model=None, tok=None, label: str | None = None, conv
     if model is None:
         label, path, chat_template = model_source(cfg.model)
         model, tok = load_model(path, device, dtype)
+    else:
+        path = getattr(model.config, "_name_or_path", "")
+    source = model_identity(path)  # after loading: a hub id's snapshot is then cached
     label = label or cfg.model
     model.requires_grad_(False)
     L = model.config.num_hidden_layers
@@ -352,7 +391,7 @@ def train(cfg: TrainConfig, model=None, tok=None, label: str | None = None, conv
 
     # 1-2. data and teacher cache
     convs = convs if convs is not None else load_conversations(cfg, tok, chat_template)
-    tdir = teacher_dir(cfg, label)
+    tdir = teacher_dir(cfg, label, source)
     layers = [cfg.exit_layer] if cfg.head == "kangaroo" else []
     build_teacher_cache(model, convs, layers, tdir)
     items = load_teacher(tdir, len(convs))
@@ -370,7 +409,7 @@ def train(cfg: TrainConfig, model=None, tok=None, label: str | None = None, conv
     lm_head = model.get_output_embeddings()
     total = cfg.epochs * len(train_items)
     noise = torch.Generator().manual_seed(cfg.seed)
-    ckpt, history, step = out_dir / "ckpt.pt", [], 0
+    ckpt, history, step, seen, train_time = out_dir / "ckpt.pt", [], 0, 0, 0.0
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         if {k: v for k, v in state["config"].items() if k not in UNCHECKED} != \
@@ -380,14 +419,16 @@ def train(cfg: TrainConfig, model=None, tok=None, label: str | None = None, conv
         opt.load_state_dict(state["opt"])
         noise.set_state(state["noise"])
         step, history = state["step"], state["history"]
+        # the counters at the checkpoint's step (the last eval record can be up to eval_every steps older)
+        seen = state.get("tokens", history[-1]["tokens"])
+        train_time = state.get("train_time", history[-1].get("train_time", 0.0))
         log.info("resuming from step %d", step)
     run = start_wandb(cfg, out_dir, stem)
     if step == 0:
         history.append({"step": 0, "tokens": 0, **evaluate(head, lm_head, held, device, dtype, cfg.ce_weight)})
     bar = tqdm(total=total, initial=step, desc=f"train {stem}", unit="conv", dynamic_ncols=True)
-    seen = history[-1]["tokens"]
-    train_time = history[-1].get("train_time", 0.0)
     t0 = time.time()
+    elapsed = lambda: train_time + time.time() - t0  # noqa: E731 - training time over all resumes
     while step < total:
         epoch, index = divmod(step, len(train_items))
         order = list(range(len(train_items)))
@@ -409,7 +450,7 @@ def train(cfg: TrainConfig, model=None, tok=None, label: str | None = None, conv
             run.log({"loss": loss.item(), "train_accept": accept.mean().item(), "lr": opt.param_groups[0]["lr"],
                      "tokens": seen}, step=step)
         if step % cfg.eval_every == 0 or step == total:
-            record = {"step": step, "tokens": seen, "train_loss": loss.item(), "train_time": train_time + time.time() - t0,
+            record = {"step": step, "tokens": seen, "train_loss": loss.item(), "train_time": elapsed(),
                       **evaluate(head, lm_head, held, device, dtype, cfg.ce_weight)}
             history.append(record)
             bar.write(json.dumps(record))
@@ -418,7 +459,8 @@ def train(cfg: TrainConfig, model=None, tok=None, label: str | None = None, conv
         if step % cfg.ckpt_every == 0 or step == total:
             tmp = ckpt.with_suffix(".tmp")
             torch.save({"config": dataclasses.asdict(cfg), "head": head.state_dict(), "opt": opt.state_dict(),
-                        "noise": noise.get_state(), "step": step, "history": history}, tmp)
+                        "noise": noise.get_state(), "step": step, "history": history, "tokens": seen,
+                        "train_time": elapsed()}, tmp)
             tmp.rename(ckpt)
     bar.close()
     if run is not None:
@@ -432,10 +474,11 @@ def train(cfg: TrainConfig, model=None, tok=None, label: str | None = None, conv
                "steps": step, "heldout_accept_rate": final["accept_rate"], "heldout_top1": final["top1"],
                "heldout_accept_rate_at_init": history[0]["accept_rate"], "heldout_top1_at_init": history[0]["top1"],
                "wall_time_s_this_process": round(time.time() - t_start, 1), "history": history,
+               "threads": torch.get_num_threads(),
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__}
     path = save_head(head, save, label, {"train": {k: summary[k] for k in
                                                    ("train_tokens", "steps", "heldout_accept_rate", "heldout_top1")}})
-    write_card(path.with_suffix(".md"), summary)
+    write_card(head_file(path, ".md"), summary)
     # the project's own heads (default save) also leave their curve in runs/train/ for `make figures`
     for directory in [out_dir] + ([] if cfg.save else [REPO_ROOT / "runs" / "train" / stem]):
         directory.mkdir(parents=True, exist_ok=True)
@@ -444,12 +487,14 @@ def train(cfg: TrainConfig, model=None, tok=None, label: str | None = None, conv
 
 
 def write_card(path: Path, s: dict) -> None:
+    from .heads import head_stem
+
     cfg = s["config"]
     curve = "\n".join(f"| {h['step']} | {h['tokens']} | {h['accept_rate']:.4f} | {h['top1']:.4f} |"
                       for h in s["history"])
     what = ("Kangaroo adapter (one attention block + two RMSNorms, no MLP) on layer "
             f"{cfg['exit_layer']}'s states" if cfg["head"] == "kangaroo" else "EAGLE head (fc + one decoder layer)")
-    path.write_text(f"""# {path.stem}
+    path.write_text(f"""# {head_stem(path).name}
 
 {what} of `{cfg['model']}`, trained by this project's own command (card written by it):
 
@@ -459,7 +504,7 @@ def write_card(path: Path, s: dict) -> None:
   target, assistant tokens only; {s['train_conversations']} training conversations ({s['train_tokens']} tokens,
   ≤ {cfg['max_len']} each), {s['heldout_conversations']} held out. Answers are the dataset's (teacher-forced, as released).
 - Training: {s['steps']} steps ({cfg['epochs']} epoch(s), one conversation per step), {s['tokens_seen']} tokens seen,
-  AdamW lr {cfg['lr']} (warm-up {cfg['warmup']}, cosine), clip value {cfg['clip']}, {cfg['threads']} torch thread(s),
+  AdamW lr {cfg['lr']} (warm-up {cfg['warmup']}, cosine), clip value {cfg['clip']}, {s['threads']} torch thread(s),
   {cfg['dtype']} on {cfg['device']}; torch {s['torch']}; {s['date']}.
 - Time: training loop {s['history'][-1].get('train_time', 0):.0f} s (cumulative over resumes); the process that wrote this card
   ran {s['wall_time_s_this_process']} s (teacher pass included only if it was not cached). The machine's 2 cores were
@@ -477,7 +522,9 @@ def write_card(path: Path, s: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        summary = train(parse_args(sys.argv[1:] if argv is None else argv))
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        torch.set_num_threads(cfg.threads)  # process-wide: only the command line sets it
+        summary = train(cfg)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

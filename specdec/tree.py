@@ -1,4 +1,4 @@
-"""Draft trees: what a proposer hands the verifier (specs/verifier.md §2).
+"""Draft trees: what a proposer hands the verifier (docs/verifier.md §2).
 
 Decoding-state invariant, written once here for the whole package:
     the committed sequence is ``prompt + generated``; the target's KV cache holds every committed
@@ -21,13 +21,13 @@ from typing import Optional, Sequence
 
 import torch
 
-# How the draft tokens were produced; selects the sampling acceptance rule (specs/verifier.md §6).
+# How the draft tokens were produced; selects the sampling acceptance rule (docs/verifier.md §6).
 DETERMINISTIC = "deterministic"  # argmax / retrieved drafts: sample-and-follow
 CHAIN_SAMPLED = "chain_sampled"  # one sampled child per node: Leviathan single-draft rule
 IID = "iid"                      # k i.i.d. sampled children per node: SpecInfer multi-step rule
 IID_KSEQ = "iid_kseq"            # the same i.i.d. trie, verified by SpecTr's K-SEQ with rho*
 WITHOUT_REPLACEMENT = "without_replacement"  # distinct children drawn without replacement: RSD's recursive rule
-MULTI_DRAFT_IS = "multi_draft_is"  # the i.i.d. trie over a top-M q, Khisti et al.'s two-step IS selection
+MULTI_DRAFT_IS = "multi_draft_is"  # the i.i.d. trie, Khisti et al.'s two-step scheme: select one draft, then SD against its exact law
 KINDS = (DETERMINISTIC, CHAIN_SAMPLED, IID, IID_KSEQ, WITHOUT_REPLACEMENT, MULTI_DRAFT_IS)
 
 
@@ -46,7 +46,7 @@ class DraftTree:
     multiplicity: Optional[torch.Tensor] = None  # int64 [T]
     # Method-specific payload handed back in ``StepResult`` (e.g. template ranks); never read by the core.
     meta: object = field(default=None, repr=False)
-    # Partial-depth verification (Kangaroo; verifier.md §10): a ``specdec.target.ShallowStates`` holding the
+    # Partial-depth verification (Kangaroo; docs/verifier.md §10): a ``specdec.target.ShallowStates`` holding the
     # nodes' states entering layer ℓ, computed while drafting; ``Target.score`` then runs layers [ℓ, L) only.
     shallow: object = field(default=None, repr=False)
 

@@ -1,4 +1,4 @@
-"""The shared builder of dynamic draft trees (specs/dynamic_trees.md §4): EAGLE-2, OPT-Tree, DySpec.
+"""The shared builder of dynamic draft trees: EAGLE-2, OPT-Tree, DySpec.
 
 All three methods rank draft nodes by a *value*, the product of draft probabilities along the
 root -> node path (stored as a log-sum, ``logvalue``; the root's is 0), grow a candidate pool through
@@ -7,17 +7,18 @@ they grow the pool (the *policy*, one module in ``methods/``). This module holds
 
 * ``Pool``: the candidate nodes (token, parent, depth, logvalue) and the map to the drafter's own
   tree numbering; ``expand`` feeds chosen frontier nodes to the drafter in one forward and returns
-  their children's raw draft log-probs (temperature 1: values are ranked on the raw draft, §6).
+  their children's raw draft log-probs (temperature 1: values are ranked on the raw draft).
 * ``select``: top-``budget`` eligible nodes by value (ties -> earlier recorded), the ancestor closure
   (values are monotone along paths, so this only matters for ties and hand-made values), and, if the
   closure overshoots, dropping the lowest-value leaves.
 * ``Pool.tree``: the kept nodes in breadth-first order, siblings in recording (= draw) order, as the
   ``DraftTree`` the shared verifier takes; per-node logvalues ride in ``tree.meta`` for calibration.
 * ``AutoBudget``: EAGLE-2's ``total_token=-1`` analogue -- N chosen per step from a measured latency
-  profile t(n) and the drafter's running calibration, maximising predicted tokens per second.
+  profile t(n) and a running calibration of values against acceptance, maximising predicted tokens/s.
 
-Budgets count draft nodes N (EAGLE-2's ``total_token``, root excluded); a verify forward runs N + 1
-tokens, which is what the stats report (``tokens_per_verify``).
+Here budgets always count draft nodes N (root excluded; a verify forward runs N + 1 tokens, which the
+stats report as ``tokens_per_verify``). A method's own knob may count differently (EAGLE-2's
+``total_token`` includes the root); ``methods/_dyntree.py`` converts.
 """
 
 from __future__ import annotations
@@ -139,17 +140,66 @@ def select(pool: Pool, budget: int) -> list[int]:
     return sorted(keep)
 
 
+PROFILE_FIELDS = ("model", "device", "dtype", "backend", "threads")  # written by analysis.latency.measure_profile
+
+
+def run_settings(device, model=None) -> dict:
+    """This run's values of the latency profile's ``PROFILE_FIELDS``, those that can be known: the device type;
+    torch's intra-op threads on CPU only (a GPU forward does not depend on them); with the target ``model``
+    its dtype, back end (``specdec.backends.backend_of``) and name (``config.name_or_path``, if set)."""
+    from .backends import backend_of
+
+    device = torch.device(device)
+    out: dict = {"device": device.type}
+    if device.type == "cpu":
+        out["threads"] = torch.get_num_threads()
+    if model is not None:
+        if getattr(model, "dtype", None) is not None:
+            out["dtype"] = str(model.dtype).removeprefix("torch.")
+        out["backend"] = backend_of(model)
+        name = getattr(getattr(model, "config", None), "name_or_path", None)
+        if name:
+            out["model"] = str(name)
+    return out
+
+
+def _model_key(name) -> str:
+    """Compare models by their last path component, ``.gguf`` dropped, case-folded: the profile records the path
+    given to ``--model`` (``embedded:pkg/F.gguf``, a hub id, a local path), the run the location it was loaded
+    from (an embedded GGUF's safetensors cache ``.../models/F``, the hub id, the path)."""
+    tail = str(name).removeprefix("embedded:").replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return tail.removesuffix(".gguf").casefold()
+
+
+def profile_mismatch(meta: dict, run: dict) -> list[str]:
+    """``"field profile-value (profile) vs run-value (run)"`` per ``PROFILE_FIELDS`` entry known on both sides
+    that differs (a field missing from an older or hand-made profile, or unknown for the run, is not compared)."""
+    diffs = []
+    for key in PROFILE_FIELDS:
+        if meta.get(key) is None or run.get(key) is None:
+            continue
+        prof, ours = meta[key], run[key]
+        same = _model_key(prof) == _model_key(ours) if key == "model" else str(prof) == str(ours)
+        if not same:
+            diffs.append(f"{key} {prof} (profile) vs {ours} (run)")
+    return diffs
+
+
 class AutoBudget:
     """Per-step N maximising predicted tokens/s = (1 + c * sum of the top-N values) / (t_draft + t(N + 1)).
 
     t(n) is the device's measured verify latency (``analysis.latency`` profile JSON, ``python -m
-    analysis.latency profile``); c is the running calibration of values against acceptance
-    (accepted draft tokens / summed values of the verified trees, prior 1 = EAGLE-2's "confidence ~
-    acceptance"); t_draft the proposer's running mean time per step. EAGLE-2's released auto mode
-    instead times a few sizes at start and discounts them by fixed factors (spec §1); this one uses the
-    same profile the project's cost model does [design]."""
+    analysis.latency profile``), refused if it was measured under other settings than ``run``
+    (``run_settings``); c is the running calibration of values against acceptance (accepted draft tokens /
+    summed values of the verified trees, prior 1 = EAGLE-2's "confidence ~ acceptance"); t_draft the
+    proposer's running mean time per step. EAGLE-2's released auto mode instead times target forwards of
+    40..60 tokens at start and discounts them by fixed factors (SafeAILab/EAGLE @ cb7e084,
+    ``eagle/model/ea_model.py::EaModel.from_pretrained``); this one uses the profile the project's cost
+    model uses.
 
-    def __init__(self, profile_path: str, max_budget: int):
+    Learned state (``reset``): c and t_draft. Stats (``reset_stats``): ``chosen``, the histogram of N."""
+
+    def __init__(self, profile_path: str, max_budget: int, run: Optional[dict] = None):
         path = Path(profile_path)
         if not path.is_file():
             raise UserError(f"budget=auto needs a latency profile: {path} not found; measure one with "
@@ -157,13 +207,22 @@ class AutoBudget:
         from analysis.latency import Profile
 
         self.profile = Profile.load(path)
+        diffs = profile_mismatch(self.profile.meta, run or {})
+        if diffs:
+            flags = " ".join(f"--{k} {run[k]}" for k in PROFILE_FIELDS if k in run)
+            raise UserError(f"latency profile {path} does not match this run: {'; '.join(diffs)}; measure one with "
+                            f"`python -m analysis.latency profile {flags} --out <json>`")
         self.max_budget = max_budget
         self.t = torch.tensor(self.profile.t(list(range(1, max_budget + 2))), dtype=torch.float64)  # t(N+1), N = 0..max
         self.reset()
+        self.reset_stats()
 
     def reset(self) -> None:
+        """Forget the learned calibration and mean draft time."""
         self.accepted, self.predicted = 1.0, 1.0   # calibration prior: c = 1
         self.draft_seconds, self.steps = 0.0, 0
+
+    def reset_stats(self) -> None:
         self.chosen: dict[int, int] = {}
 
     @property
@@ -182,6 +241,7 @@ class AutoBudget:
         return n
 
     def observe(self, tree: DraftTree, accepted: int, draft_seconds: float) -> None:
+        """Learn from one verified tree: ``accepted`` draft tokens of it, ``draft_seconds`` spent proposing it."""
         self.accepted += accepted
         self.predicted += sum(math.exp(v) for v in tree.meta["logvalue"][1:])
         self.draft_seconds += draft_seconds

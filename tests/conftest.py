@@ -3,7 +3,17 @@ autoregressive continuation (computed once per session), and a tiny random Llama
 
 from __future__ import annotations
 
-import numpy as np
+import os
+import shutil
+import tempfile
+
+# Tests never write into the user's cache (~/.cache/specdec): every session gets a temporary one, set before
+# any specdec import reads it (subprocesses inherit it). SPECDEC_TEST_CACHE names a kept one instead, to
+# reuse the converted model and built tables between local runs.
+_TEST_CACHE = os.environ.get("SPECDEC_TEST_CACHE") or tempfile.mkdtemp(prefix="specdec-test-cache-")
+os.environ["SPECDEC_CACHE"] = _TEST_CACHE
+
+import numpy as np  # noqa: E402
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -26,7 +36,7 @@ def run_generation(model, proposer: Proposer, prompt_ids: list[int], max_new_tok
     gen = torch.Generator().manual_seed(seed)
     proposer.reset("turn")
     return generate(Target(model), proposer, prompt_ids, max_new_tokens, frozenset(stops),
-                    make_rule(temperature, top_k, top_p, gen), Stopwatch(model.device))
+                    make_rule(temperature, top_k, top_p, gen), Stopwatch(model.device), seed=seed)
 
 
 def first_two_tokens_histogram(model, proposer: Proposer, prompt: list[int], trials: int, seed: int = 0,
@@ -76,11 +86,39 @@ def method_env(model, tokenizer=None, seed: int = 0) -> MethodEnv:
     return MethodEnv(vocab_size=vocab_size(model), device=model.device, tokenizer=tokenizer, model=model, seed=seed)
 
 
+def pytest_sessionfinish(session, exitstatus):
+    if not os.environ.get("SPECDEC_TEST_CACHE"):
+        shutil.rmtree(_TEST_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _process_settings_restored():
+    """Whatever a test changes process-wide (torch's thread count, e.g. an in-process ``main`` given
+    ``--threads``) is put back, so no later test runs on other settings."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer, stop ids) of the embedded default model in fp32."""
     model, tok = load_model(EMBEDDED, torch.device("cpu"), torch.float32)
     return model, tok, stop_ids(tok, model.generation_config)
+
+
+@pytest.fixture(scope="session")
+def smollm2_onednn():
+    """(model, tokenizer) of SmolLM2 fp32 on the CPU default back end, onednn, with oneDNN for one-row forwards
+    too (the load-time choice is timing-dependent; ``mkl`` is eager's kernel bit for bit, so all-oneDNN is
+    the case that needs the check)."""
+    from specdec.backends import PackedLinear
+
+    model, tok = load_model(EMBEDDED, torch.device("cpu"), torch.float32, backend="onednn")
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            module.one_row_kernel = "onednn"
+    return model, tok
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """Acceptance rules on hand-made logits: the greedy path, and a statistical test per sampling rule
-that the committed tokens are distributed exactly as the target's (specs/verifier.md §12.7).
+that the committed tokens are distributed exactly as the target's (docs/verifier.md §12.7).
 
 The synthetic target over a 6-token vocabulary has p(. | root) and p(. | x) for every first token x.
 A two-level draft tree is verified; whatever the step does not commit of the first two tokens is

@@ -255,8 +255,8 @@ def test_proposer_tree_is_a_bfs_trie_within_max_nodes(tmp_path):
     for kids in tree.children:  # trie: siblings distinct
         assert len({int(tree.tokens[k]) for k in kids}) == len(kids)
     first = tree.tokens.tolist()
-    prop.reset("run")
-    assert prop.propose(ctx).tokens.tolist() == first  # re-seeded by reset("run"), same boost state
+    prop.begin(ctx)
+    assert prop.propose(ctx).tokens.tolist() == first  # re-seeded per (question, turn), same boost state
     assert Aded(env, empty_table=True).propose(ctx).size == 1  # nothing known: root only
     assert prop.stats()["proposes"] == 2
 
@@ -274,6 +274,7 @@ def test_method_yamls_build(tmp_path):
                           env).reward == "path_score"
 
 
+@pytest.mark.full
 # ---------------------------------------------------------------------------------------------- SmolLM2
 def test_greedy_equals_ar_on_every_task(smollm2, task_prompts, ar_outputs, tmp_path_factory):
     model, tok, stops = smollm2
@@ -401,6 +402,7 @@ def test_compiled_search_reproduces_the_recorded_python_drafts(reward):
     assert sum(len(t) for t, _ in recorded) / len(recorded) > 20  # real trees, not root-only
 
 
+@pytest.mark.full
 def test_compiled_search_equals_the_python_reference_on_the_sharegpt_table(smollm2, task_prompts, tmp_path_factory):
     """The real table (first 300 ShareGPT records), real prompts, the boost carried along, both rewards:
     the same trees, and the rollouts leave the random.Random stream in the same state."""
@@ -414,7 +416,8 @@ def test_compiled_search_equals_the_python_reference_on_the_sharegpt_table(smoll
     for reward in REWARDS:
         prop.reward = reward
         prop.reset("run")
-        rng = random.Random(prop.rng_seed)
+        prop.begin(Context(tokens=[0], prompt_len=1, remaining=1, seed=0))
+        rng = random.Random(prop.stream_seed(0))
         for ids in task_prompts.values():
             for n in range(max(3, len(ids) - 25), len(ids) + 1):
                 tree = prop.propose(Context(tokens=ids[:n], prompt_len=n, remaining=64))  # boosts, then searches

@@ -301,6 +301,7 @@ def test_make_figures_skips_missing_kinds_of_runs(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------ notebooks
 
+@pytest.mark.full
 @pytest.mark.parametrize("name", ["speedup_tables.ipynb", "paper_figures.ipynb"])
 def test_notebook_runs_top_to_bottom_on_fixtures(name, tmp_path):
     import nbformat

@@ -2,24 +2,19 @@
 
 The oneDNN back end is checked the way the verifier is: tree logits equal each path run alone, KV
 compaction equals recomputation, and on the real SmolLM2 prompts its greedy AR output equals eager
-AR, and every method on it equals AR on it."""
-
-import dataclasses
+AR (every method on it equals AR: tests/test_configs.py's guard runs on it)."""
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from conftest import EMBEDDED, LOSSLESS_NEW_TOKENS, method_env, run_generation, tiny_llama
 from specdec.backends import (PackedLinear, _as_inference_inputs, apply_backend, backend_of, one_row_kernels,
                               onednn_supports, pack_linears, resolve_backend, warm)
-from specdec.drafter import build_drafter
 from specdec.errors import UserError
 from specdec.models import load_model
-from specdec.proposer import Proposer, build_proposer, registry
+from specdec.proposer import Proposer
 from specdec.target import Target
-from test_configs import METHODS, compose_config
 from test_verifier import check_tree_equals_paths, random_tree
 
 
@@ -102,9 +97,25 @@ def test_tree_logits_equal_paths_on_each_backend(backend):
     check_tree_equals_paths(model, list(range(3, 20)), random_tree(64), atol=1e-4)
 
 
-def test_warm_leaves_no_cache():
+def test_warm_meets_every_size_and_cache_layout_and_leaves_no_cache():
+    """Each size is scored four times (after the prefill, an append, a crop of one tree, an append), the returned seconds
+    are the call's own (within its wall time), and no cache is left behind."""
+    import time
+
     target = Target(apply_backend(tiny_llama(), "onednn"))
-    assert warm(target, sizes=(1, 3)) >= 0 and target.cache is None
+    sizes_seen, cache_lens, score = [], [], target.score
+
+    def spy(tree):
+        sizes_seen.append(tree.size)
+        cache_lens.append(target.cache_len)
+        return score(tree)
+
+    target.score = spy
+    start = time.perf_counter()
+    seconds = warm(target, sizes=(1, 3))
+    wall = time.perf_counter() - start
+    assert sizes_seen == [1] * 4 + [3] * 4 and 0 < seconds <= wall and target.cache is None
+    assert cache_lens == [16, 17, 17, 18, 16, 19, 19, 22]  # per size: after the prefill, an append, a crop, an append
 
 
 def test_compiled_forward_gets_inference_tensors_under_inference_mode():
@@ -126,22 +137,13 @@ def test_compiled_forward_gets_inference_tensors_under_inference_mode():
 
 # --------------------------------------------------------------------------- real SmolLM2 prompts
 
-@pytest.fixture(scope="module")
-def smollm2_onednn():
-    """SmolLM2 on onednn with oneDNN for one-row forwards too (the load-time choice is timing-dependent;
-    ``mkl`` is eager's kernel bit for bit, so all-oneDNN is the case that needs the check)."""
-    model, tok = load_model(EMBEDDED, torch.device("cpu"), torch.float32, backend="onednn")
-    for module in model.modules():
-        if isinstance(module, PackedLinear):
-            module.one_row_kernel = "onednn"
-    return model, tok
-
-
+@pytest.mark.full
 def test_onednn_tree_logits_equal_paths_smollm2(smollm2_onednn, task_prompts):
     model, _ = smollm2_onednn
     check_tree_equals_paths(model, task_prompts["qa"][:-1], random_tree(49152, seed=1), atol=1e-3)
 
 
+@pytest.mark.full
 def test_onednn_ar_equals_eager_ar(smollm2, smollm2_onednn, task_prompts, ar_outputs):
     """fp32: the prepacked path's greedy AR output is eager's on all six task prompts."""
     model, tok = smollm2_onednn
@@ -149,22 +151,6 @@ def test_onednn_ar_equals_eager_ar(smollm2, smollm2_onednn, task_prompts, ar_out
     for task, prompt in task_prompts.items():
         gen = run_generation(model, Proposer(method_env(model, tok)), prompt, LOSSLESS_NEW_TOKENS, stops)
         assert gen.output_ids == ar_outputs[task], task
-
-
-@pytest.mark.parametrize("name", [m for m in METHODS if m != "ar"])
-def test_every_method_is_lossless_on_onednn(name, smollm2, smollm2_onednn, task_prompts, ar_outputs):
-    """Each shipped method on the oneDNN back end reproduces AR (eager AR = oneDNN AR, test above); one
-    prompt each (summarization: long copies, so trees of every method get accepted nodes)."""
-    model, tok = smollm2_onednn
-    method_cfg = OmegaConf.to_container(compose_config(f"method={name}").method, resolve=True)
-    env = method_env(model, tok)
-    if registry()[method_cfg["proposer"]].needs_drafter:  # as in test_configs: the untrained self-draft
-        drafter_cfg = OmegaConf.to_container(compose_config("drafter=early_exit").drafter, resolve=True)
-        env = dataclasses.replace(env, drafter=build_drafter(drafter_cfg, model, tok, env.vocab_size))
-    proposer = build_proposer(method_cfg, env)
-    proposer.reset("run")
-    gen = run_generation(model, proposer, task_prompts["summarization"], 32, smollm2[2])
-    assert gen.output_ids == ar_outputs["summarization"][:32] and max(gen.tree_sizes) > 1, name
 
 
 @pytest.mark.gpu

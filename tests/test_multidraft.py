@@ -1,10 +1,15 @@
-"""The multi-draft sampling rules (specs/spectr_multidraft.md §1-§4, tests §10) on hand-built p and q.
+"""The multi-draft sampling rules (docs/spectr_multidraft.md §1-§4, tests §10) on hand-built p and q.
 
 One node: the first committed token must be distributed as p for SpS (one draw), SpecInfer (k i.i.d.
 draws, repeats merged with multiplicity), SpecTr's K-SEQ and RSD's recursive rule (distinct draws
 without replacement), with q random, q = p, q disjoint from p, q with zeros where p is not, and p
-with zeros where q is not. Two steps: the joint law of two tokens through a two-level draft tree.
+with zeros where q is not. Two steps: the joint law of two tokens through a two-level draft tree (also
+for Khisti et al.'s ``multi_draft_is`` rule). K-SEQ descends into a child its residual sample matches:
+the rate of reaching a child equals its exact value (acceptance + residual match, by enumeration), above
+K-SEQ's acceptance, and the two-level joint law stays exact where such descents are frequent.
 """
+
+import itertools
 
 import numpy as np
 import pytest
@@ -13,7 +18,7 @@ from conftest import assert_same_distribution
 from scipy.stats import chisquare
 
 from specdec.acceptance import Sampling, kseq_rho, sampling_processors
-from specdec.tree import CHAIN_SAMPLED, IID, IID_KSEQ, WITHOUT_REPLACEMENT, DraftTree
+from specdec.tree import CHAIN_SAMPLED, IID, IID_KSEQ, MULTI_DRAFT_IS, WITHOUT_REPLACEMENT, DraftTree
 
 V = 6
 NODE_TRIALS = 6_000    # max |freq - p| < 0.025 is >= 3.9 sigma at this count (the spec asks 2e5: minutes per case here)
@@ -146,21 +151,95 @@ def two_level_tree(kind: str, q1, q2, rng) -> DraftTree:
                      multiplicity=None if kind == WITHOUT_REPLACEMENT else torch.tensor(mult))
 
 
-@pytest.mark.parametrize("kind", [IID, IID_KSEQ, WITHOUT_REPLACEMENT])
-def test_two_steps_through_a_tree_follow_the_joint_law(kind):
-    g = np.random.default_rng(5)
-    p1, p2 = g.dirichlet(np.ones(V)), g.dirichlet(np.ones(V), size=V)
-    q1, q2 = g.dirichlet(np.ones(V)), g.dirichlet(np.ones(V), size=V)
-    rng = np.random.default_rng(6)
-    rule = Sampling(sampling_processors(1.0), torch.Generator().manual_seed(6))
-    counts = np.zeros((V, V))
-    for _ in range(TREE_TRIALS):
+def two_level_counts(kind: str, p1, p2, q1, q2, trials: int, seed: int = 6) -> tuple[np.ndarray, float]:
+    """Counts [V, V] of the first two committed tokens over ``trials`` fresh two-level trees, and the
+    fraction of steps whose path reached a level-1 child."""
+    rng = np.random.default_rng(seed)
+    rule = Sampling(sampling_processors(1.0), torch.Generator().manual_seed(seed))
+    counts, reached = np.zeros((V, V)), 0
+    for _ in range(trials):
         tree = two_level_tree(kind, q1, q2, rng)
         rows = [np.log(p1) if node == 0 else np.log(p2[int(tree.tokens[tree.path_to(node)[1]])])
                 for node in range(tree.size)]                     # depth-2 rows only shape token 3 (unused)
         path, bonus = rule(tree, torch.tensor(np.stack(rows), dtype=torch.float32))
         committed = tree.tokens[path[1:]].tolist() + [bonus]
+        reached += len(path) > 1
         if len(committed) < 2:
             committed.append(int(rng.choice(V, p=p2[committed[0]])))
         counts[committed[0], committed[1]] += 1
+    return counts, reached / trials
+
+
+@pytest.mark.parametrize("kind", [IID, IID_KSEQ, WITHOUT_REPLACEMENT, MULTI_DRAFT_IS])
+def test_two_steps_through_a_tree_follow_the_joint_law(kind):
+    g = np.random.default_rng(5)
+    p1, p2 = g.dirichlet(np.ones(V)), g.dirichlet(np.ones(V), size=V)
+    q1, q2 = g.dirichlet(np.ones(V)), g.dirichlet(np.ones(V), size=V)
+    counts, _ = two_level_counts(kind, p1, p2, q1, q2, TREE_TRIALS)
     assert_same_distribution(counts, p1[:, None] * p2, max_tv=0.05)
+
+
+# ---------------------------------------------------------------------- K-SEQ: descend on a residual match
+# With rho = rho* the residual (p - rho* q)^+ lives on tokens that a draw would have been accepted surely
+# (min(1, p / (rho* q)) = 1), so a rejected draft can never be the residual sample: the descent is a no-op
+# (up to the bisection's slack on rho*). For any rho in (rho*, k] K-SEQ is still exact (p_res >= 0 needs
+# rho beta(rho) >= P_acc only) and the residual does hit rejected drafts: the tests force rho = k.
+DESCEND_P = np.array([0.25, 0.25, 0.2, 0.1, 0.1, 0.1])
+DESCEND_Q = np.array([0.3, 0.3, 0.1, 0.1, 0.1, 0.1])
+
+
+def kseq_reach_probability(p: np.ndarray, q: np.ndarray, k: int, rho: float) -> tuple[float, float]:
+    """(K-SEQ's acceptance 1 - (1 - beta)^k, P(the rule returns a child) with descent on a residual match)
+    for a given rho, exact by enumeration of the ordered k-tuples of draws."""
+    p, q = np.float32(p).astype(np.float64), np.float32(q).astype(np.float64)  # what the rule sees
+    mass = np.minimum(q, p / rho)
+    beta = mass.sum()
+    p_acc = 1 - (1 - beta) ** k
+    residual = np.maximum(p - mass * p_acc / beta, 0)
+    residual /= residual.sum()
+    accept = np.where(q > 0, np.minimum(1, p / (rho * np.where(q > 0, q, 1))), 0)
+    total = 0.0
+    for draws in itertools.product(np.flatnonzero(q > 0), repeat=k):
+        none_accepted = np.prod(1 - accept[list(draws)])
+        total += np.prod(q[list(draws)]) * (1 - none_accepted + none_accepted * residual[list(set(draws))].sum())
+    return p_acc, total
+
+
+def test_kseq_residual_at_rho_star_lives_on_surely_accepted_tokens():
+    g = np.random.default_rng(3)
+    for p, q in [(DESCEND_P, DESCEND_Q)] + [(g.dirichlet(np.ones(V)), g.dirichlet(np.ones(V))) for _ in range(10)]:
+        for k in (2, 3):
+            rho = kseq_rho(torch.tensor(p), torch.tensor(q), k)
+            p_acc, reach = kseq_reach_probability(p, q, k, rho)
+            assert reach - p_acc < 1e-6                                  # a residual match: probability ~0
+
+
+@pytest.fixture
+def rho_is_k(monkeypatch):
+    """K-SEQ with rho = k: exact (rho >= rho*), not optimal, and its residual hits rejected drafts."""
+    import specdec.acceptance
+
+    monkeypatch.setattr(specdec.acceptance, "kseq_rho", lambda target_probs, draft_probs, k: float(k))
+
+
+def test_kseq_descends_into_a_child_matched_by_the_residual(rho_is_k):
+    p, q, k = DESCEND_P, DESCEND_Q, 3
+    p_acc, reach = kseq_reach_probability(p, q, k, rho=float(k))
+    assert reach > p_acc + 0.1                                           # descents are frequent here
+    trials = 20_000
+    counts, rate = first_token_counts(IID_KSEQ, p, q, k, trials, seed=1)
+    sigma = np.sqrt(reach * (1 - reach) / trials)
+    assert abs(rate - reach) < 4 * sigma                                 # the exact rate, descents included
+    assert rate > p_acc + 10 * sigma                                     # not K-SEQ's acceptance alone
+    assert chisquare(counts, p * trials).pvalue > 1e-3                   # the emitted token is still ~ p
+    assert np.abs(counts / trials - p).max() < 0.012
+
+
+def test_two_steps_stay_exact_when_kseq_descends_often(rho_is_k):
+    g = np.random.default_rng(8)
+    p2, q2 = g.dirichlet(np.ones(V), size=V), g.dirichlet(np.ones(V), size=V)
+    trials = 20_000
+    counts, reached = two_level_counts(IID_KSEQ, DESCEND_P, p2, DESCEND_Q, q2, trials, seed=9)
+    assert_same_distribution(counts, DESCEND_P[:, None] * p2, max_tv=0.03)
+    _, reach = kseq_reach_probability(DESCEND_P, DESCEND_Q, 3, rho=3.0)
+    assert abs(reached - reach) < 4 * np.sqrt(reach * (1 - reach) / trials)

@@ -59,6 +59,7 @@ def test_yaml_builds_the_proposer(smollm2):
     pld = build_proposer(cfg, method_env(model, tok))
     assert (pld.num_pred_tokens, pld.max_ngram_size, pld.lookup) == (10, 3, "transformers")
 
+@pytest.mark.full
 
 def test_greedy_equals_ar_on_every_task(smollm2, task_prompts, ar_outputs):
     model, tok, stops = smollm2

@@ -274,6 +274,7 @@ def test_table_dtype_halves_memory():
     assert TokenRecycling(toy_env(1000)).stats()["table_bytes"] == 1000 * 8 * 8
 
 
+@pytest.mark.full
 # ---------------------------------------------------------------------------- end to end
 def test_greedy_equals_ar_on_every_task(smollm2, task_prompts, ar_outputs):
     """Both shipped configs, each with one hot table across its prompts (the paper's setting). The tasks
@@ -359,6 +360,7 @@ def released_accept_lengths(model, prompt: list[int], max_new_tokens: int, eos: 
             break
     return lengths
 
+@pytest.mark.full
 
 def test_dedup_siblings_changes_the_trajectory_and_false_follows_the_released_loop(smollm2, task_prompts,
                                                                                    ar_outputs):
@@ -376,6 +378,7 @@ def test_dedup_siblings_changes_the_trajectory_and_false_follows_the_released_lo
     assert len(ours) > 15 and ours[:-1] == released[:len(ours) - 1]  # the last step is cut at n tokens
     assert gens[True].accept_lengths != ours
 
+@pytest.mark.full
 
 def test_dedup_siblings_does_not_change_recycle_cpu(smollm2, task_prompts):
     """recycle_cpu's depth-1 tree: duplicates share the root's context, so the table and every step

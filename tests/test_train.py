@@ -1,19 +1,25 @@
 """The draft-head training command (specdec/train.py) and the heads (specdec/heads.py) on a tiny random
-Llama: the loss goes down, the held-out accept rate goes up, a rerun resumes, checkpoints round-trip;
-the assistant-token mask on the real SmolLM2 chat template."""
+Llama: the loss goes down, the held-out accept rate goes up, a rerun resumes (with the counters of an
+uninterrupted run), checkpoints round-trip, dotted model names keep whole head paths, the teacher cache is
+keyed by the model's path and revision, torch's thread count is left alone; the assistant-token mask on
+the real SmolLM2 chat template."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import tiny_llama
 
 from specdec.errors import UserError
-from specdec.heads import EagleHead, KangarooAdapter, load_head, save_head
-from specdec.train import build_teacher_cache, encode_conversation, main, parse_args, train
+import specdec.train as train_module
+from specdec.heads import EagleHead, KangarooAdapter, head_stem, load_head, save_head
+from specdec.train import (build_teacher_cache, encode_conversation, main, model_identity, parse_args, teacher_dir,
+                           train)
 
 
 def patterned_conversations(n: int, vocab: int, length: int = 48, seed: int = 0) -> list[tuple]:
@@ -55,6 +61,109 @@ def test_tiny_training_lowers_the_loss_and_resumes(head, tmp_path, monkeypatch):
     # a different command must not resume someone else's checkpoint
     with pytest.raises(UserError, match="different command"):
         train(dataclasses.replace(cfg, lr=1e-3), model=model, label="tiny", convs=convs)
+
+
+def tiny_run(tmp_path, *args: str):
+    """A 4-conversation Kangaroo config (layer 1) writing only under ``tmp_path``; ``args`` override."""
+    return parse_args(["head=kangaroo", "exit_layer=1", "records=4", "heldout=1", "epochs=1", "warmup=2",
+                       f"out_dir={tmp_path / 'run'}", f"save={tmp_path / 'head'}", "wandb=disabled", *args])
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resumed_run_counts_tokens_and_time_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Checkpoints (every 3 steps) are more frequent than evaluations (every 8): a run killed after the step-6
+    checkpoint resumes with the tokens and training time of step 6, not those of the step-0 evaluation."""
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
+    clock, stop = [0.0], [None]
+    monkeypatch.setattr(train_module, "time", SimpleNamespace(time=lambda: clock[0], strftime=time.strftime,
+                                                              gmtime=time.gmtime))
+    real_lr_at = train_module.lr_at
+
+    def lr_at(step, total, cfg):  # one call per training step: 1 s of (fake) training time each
+        if step == stop[0]:
+            raise Interrupted
+        clock[0] += 1.0
+        return real_lr_at(step, total, cfg)
+
+    monkeypatch.setattr(train_module, "lr_at", lr_at)
+    model, convs = tiny_llama(vocab=64, layers=3, seed=1), patterned_conversations(5, 64, length=16)
+    args = ["epochs=3", "eval_every=8", "ckpt_every=3"]
+    whole = train(tiny_run(tmp_path / "whole", *args), model=model, label="tiny", convs=convs)
+    cfg = tiny_run(tmp_path / "cut", *args)
+    stop[0] = 7  # killed during step 7: the last checkpoint is step 6's, the last evaluation step 0's
+    with pytest.raises(Interrupted):
+        train(cfg, model=model, label="tiny", convs=convs)
+    stop[0] = None
+    resumed = train(cfg, model=model, label="tiny", convs=convs)
+    assert whole["steps"] == resumed["steps"] == 12 and whole["tokens_seen"] == 12 * 16
+    assert resumed["tokens_seen"] == whole["tokens_seen"]
+    counters = lambda s: [(h["step"], h["tokens"], h.get("train_time")) for h in s["history"]]  # noqa: E731
+    assert counters(resumed) == counters(whole) == [(0, 0, None), (8, 8 * 16, 8.0), (12, 12 * 16, 12.0)]
+    assert resumed["history"] == whole["history"]  # the weights too: resuming repeats no step
+
+
+def test_teacher_cache_key_holds_the_model_path_and_revision(tmp_path, monkeypatch):
+    """Two models with one name (and one label) but another path or another revision never share teacher states."""
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("specdec.corpus.corpus_fingerprint", lambda corpus: "corpus")
+    cfg = tiny_run(tmp_path)
+    dirs = []
+    for where in ("a", "b"):
+        d = tmp_path / where / "qwen2.5-0.5b"
+        d.mkdir(parents=True)
+        (d / "config.json").write_text("{}")
+        (d / "model.safetensors").write_bytes(b"weights")
+        dirs.append(d)
+    key = lambda path: teacher_dir(cfg, "qwen2.5-0.5b", model_identity(str(path)))  # noqa: E731
+    assert key(dirs[0]) != key(dirs[1]) and key(dirs[0]) == key(dirs[0])
+    before = key(dirs[0])
+    (dirs[0] / "model.safetensors").write_bytes(b"other weights")  # a new revision in place
+    assert key(dirs[0]) != before
+    # hub ids: the cached snapshot (commit) from_pretrained loaded
+    snapshot = {"org/m": "1111", "org/m@new": "2222"}
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache",
+                        lambda repo, filename: f"/hub/models--org--m/snapshots/{snapshot[repo]}/config.json")
+    assert model_identity("org/m") == "org/m@1111"
+    snapshot["org/m"] = "2222"
+    assert model_identity("org/m") == "org/m@2222"
+    # train() keys its cache by the model it was given
+    model, convs = tiny_llama(vocab=64, layers=3, seed=1), patterned_conversations(3, 64, length=16)
+    for i, d in enumerate(dirs):
+        model.config._name_or_path = str(d)
+        train(tiny_run(tmp_path / str(i), "records=2"), model=model, label="qwen2.5-0.5b", convs=convs)
+    assert len(list((tmp_path / "cache" / "teacher").iterdir())) == 2
+
+
+def test_dotted_model_names_keep_whole_head_paths(tmp_path, monkeypatch):
+    """``kangaroo-qwen2.5-0.5b-l1`` is not cut at its first dot when saved, loaded, carded or checkpointed."""
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
+    name = "kangaroo-qwen2.5-0.5b-l1"
+    assert head_stem(f"a/{name}") == head_stem(f"a/{name}.safetensors") == head_stem(f"a/{name}.json") == \
+        head_stem(f"a/{name}.md") == tmp_path.__class__(f"a/{name}")
+    model = tiny_llama(vocab=64, layers=3, seed=1)
+    assert save_head(KangarooAdapter(model, 1), tmp_path / "saved" / name, "qwen2.5-0.5b") == \
+        tmp_path / "saved" / f"{name}.safetensors"
+    for path in (name, f"{name}.safetensors", f"{name}.json"):
+        assert load_head(tmp_path / "saved" / path, model).exit_layer == 1
+    cfg = parse_args(["head=kangaroo", "exit_layer=1", "records=2", "heldout=1", "epochs=1",
+                      f"save={tmp_path / 'heads' / name}", "wandb=disabled"])  # default out_dir: named after the head
+    train(cfg, model=model, label="qwen2.5-0.5b", convs=patterned_conversations(3, 64, length=16))
+    assert sorted(p.name for p in (tmp_path / "heads").iterdir()) == [f"{name}.json", f"{name}.md",
+                                                                       f"{name}.safetensors"]
+    assert (tmp_path / "heads" / f"{name}.md").read_text().startswith(f"# {name}\n")
+    assert (tmp_path / "cache" / "train" / name / "ckpt.pt").is_file()
+
+
+def test_training_leaves_the_thread_count_alone(tmp_path, monkeypatch):
+    """``threads`` is the command line's (process-wide); the library function does not set it."""
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
+    before = torch.get_num_threads()
+    summary = train(tiny_run(tmp_path, f"threads={before + 1}", "records=2"), model=tiny_llama(vocab=64, layers=3),
+                    label="tiny", convs=patterned_conversations(3, 64, length=16))
+    assert torch.get_num_threads() == before and summary["threads"] == before
 
 
 def test_teacher_cache_keeps_the_layers_it_held(tmp_path):

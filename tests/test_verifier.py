@@ -1,4 +1,4 @@
-"""The shared tree verifier (specs/verifier.md §12): mask, positions, one-forward scoring equal to
+"""The shared tree verifier (docs/verifier.md §12): mask, positions, one-forward scoring equal to
 running every node's path on its own, and KV compaction equal to recomputation."""
 
 import copy
