@@ -196,8 +196,8 @@ def report(out_dir: Path, names: list[str], caption: str) -> list[Path]:
 
 
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="compare")
-def main(cfg: DictConfig) -> None:
-    run_in_output_dir(lambda out_dir: compare(cfg, out_dir))
+def main(cfg: DictConfig):
+    return run_in_output_dir(lambda out_dir: compare(cfg, out_dir))
 
 
 if __name__ == "__main__":

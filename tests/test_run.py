@@ -154,3 +154,17 @@ def test_warmup_runs_on_a_question_outside_the_timed_set():
     full = OmegaConf.create({"task": {"path": str(QUESTIONS), "per_category": None}})
     questions, _ = task_questions(full)
     assert warmup_question(full, questions)["question_id"] == questions[0]["question_id"]
+
+
+def test_a_sweep_survives_a_bad_job_and_lists_it_at_the_end(tiny_model_dir, tmp_path):
+    """Three jobs, the middle one refused (max_new_tokens=-1): the others finish, the bad one leaves its
+    reason in its run dir, and the sweep ends by listing it with exit code 2."""
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", f"model.path={tiny_model_dir}", "model.name=tiny", f"hydra.sweep.dir={sweep}",
+                   "task.per_category=1", "warmup=0", "method=ar", "logger=none", "threads=1", "baseline=none",
+                   "max_new_tokens=4,-1,6", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert [json.loads((sweep / str(n) / "summary.json").read_text())["max_new_tokens"] for n in (0, 2)] == [4, 6]
+    reason = (sweep / "1" / "error.txt").read_text().strip()
+    assert "max_new_tokens" in reason and not (sweep / "1" / "summary.json").exists()
+    assert "error: 1 sweep job(s) failed" in proc.stderr and f"{sweep / '1'}: {reason}" in proc.stderr
