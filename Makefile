@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install  ## the main job: AR and the training-free methods side by side (conf/compare.yaml) -> runs/compare/
-	$(PY) -m specdec.compare
+	$(PY) -m specdec.running.compare
 
 test: install  ## the newcomer's suite (<= 10 min on 2 cores): every method = AR on SmolLM2, every sampling rule's statistical test, verifier invariants, run/resume/bad input
 	$(PY) -m pytest -q -m "not full"
@@ -40,16 +40,16 @@ bench-latency-%: install
 	$(PY) -m analysis.latency profile --backend $* --threads $(BENCH_THREADS) --out runs/latency/cpu-smollm2-fp32-$*-t$(BENCH_THREADS).json
 
 bench-ar: install  ## AR through the harness vs model.generate, interleaved -> runs/bench/ar_vs_generate.json
-	$(PY) -m specdec.bench --method ar --max-new-tokens 64 --rounds 2 --threads $(BENCH_THREADS)
+	$(PY) -m specdec.measure.bench --method ar --max-new-tokens 64 --rounds 2 --threads $(BENCH_THREADS)
 
 bench-pld: install  ## our pld vs generate(prompt_lookup_num_tokens=10), interleaved -> runs/bench/pld_vs_generate.json
-	$(PY) -m specdec.bench --method pld --max-new-tokens 128 --rounds 2 --threads $(BENCH_THREADS)
+	$(PY) -m specdec.measure.bench --method pld --max-new-tokens 128 --rounds 2 --threads $(BENCH_THREADS)
 
-# One process per back end: the model loads once and per question AR runs once beside every method (specdec.compare),
+# One process per back end: the model loads once and per question AR runs once beside every method (specdec.running.compare),
 # 128 new tokens as Spec-Bench's mini set. `make -j2 bench-methods BENCH_THREADS=1` runs the back ends side by side.
 bench-methods: $(BENCH_BACKENDS:%=bench-methods-%)  ## BENCH_METHODS beside one AR per question on spec_bench_mini, per back end -> runs/bench/methods/<backend>/
 bench-methods-%: install
-	$(PY) -m specdec.compare 'methods=[$(BENCH_METHODS)]' max_new_tokens=128 threads=$(BENCH_THREADS) backend=$* hydra.run.dir=runs/bench/methods/$*
+	$(PY) -m specdec.running.compare 'methods=[$(BENCH_METHODS)]' max_new_tokens=128 threads=$(BENCH_THREADS) backend=$* hydra.run.dir=runs/bench/methods/$*
 
 bench-lookahead-warm: install  ## lookahead_cpu with tries warm-started from ShareGPT answers -> runs/bench/lookahead_warm/
 	$(BENCH) method=lookahead_cpu method.warm_start=sharegpt hydra.sweep.dir=runs/bench/lookahead_warm
@@ -58,22 +58,22 @@ bench-recycle-sizes: install  ## Token Recycling MAT/speedup vs tree size (neste
 	$(BENCH) method=recycle method.tree_nodes=4,8,16,32,null hydra.sweep.dir=runs/bench/recycle_sizes
 
 train-kangaroo: install  ## train SmolLM2's Kangaroo adapter (layer 2; ~1 h on 1 core) -> specdec/assets/kangaroo-smollm2-135m-l2.*
-	OMP_NUM_THREADS=1 $(PY) -m specdec.train head=kangaroo model=smollm2-135m exit_layer=2 lr=5e-3 warmup=10
+	OMP_NUM_THREADS=1 $(PY) -m specdec.training head=kangaroo model=smollm2-135m exit_layer=2 lr=5e-3 warmup=10
 
 train-kangaroo-layers: install  ## adapters for exit layers 1 and 4 (the l sweep; 2 epochs, ~30 min each on 1 core) -> specdec/assets/kangaroo-smollm2-135m-l{1,4}.*
-	for l in 1 4; do OMP_NUM_THREADS=1 $(PY) -m specdec.train head=kangaroo model=smollm2-135m exit_layer=$$l lr=5e-3 warmup=10 epochs=2 || exit 1; done
+	for l in 1 4; do OMP_NUM_THREADS=1 $(PY) -m specdec.training head=kangaroo model=smollm2-135m exit_layer=$$l lr=5e-3 warmup=10 epochs=2 || exit 1; done
 
 train-eagle: install  ## train SmolLM2's EAGLE head on the same cached teacher states (~35 min on 1 core) -> specdec/assets/eagle-smollm2-135m.*
-	OMP_NUM_THREADS=1 $(PY) -m specdec.train head=eagle model=smollm2-135m epochs=3 lr=1e-3 warmup=40 eval_every=50
+	OMP_NUM_THREADS=1 $(PY) -m specdec.training head=eagle model=smollm2-135m epochs=3 lr=1e-3 warmup=40 eval_every=50
 
 .PHONY: bench-backends
 bench-backends: install  ## target back ends side by side (compile: ~6 min of compiling first): onednn latency profile, t(N)/t(1), AR vs generate -> runs/bench/backends.json
 	$(PY) -m analysis.latency profile --backend onednn --threads $(BENCH_THREADS) --out runs/latency/cpu-smollm2-fp32-onednn-t$(BENCH_THREADS).json
-	$(PY) -m specdec.backends --threads $(BENCH_THREADS) --variants eager/float32,onednn/float32,compile/float32,eager/bfloat16 --max-new-tokens 64 --rounds 2
+	$(PY) -m specdec.measure.backends --threads $(BENCH_THREADS) --variants eager/float32,onednn/float32,compile/float32,eager/bfloat16 --max-new-tokens 64 --rounds 2
 
 .PHONY: bench-peers
 bench-peers: install  ## llama.cpp plain + prompt lookup on the same GGUF beside our AR + pld (needs .[peers]) -> runs/bench/peers.json
-	$(PY) -m specdec.peers --threads $(BENCH_THREADS) --max-new-tokens 128 --rounds 2
+	$(PY) -m specdec.measure.peers --threads $(BENCH_THREADS) --max-new-tokens 128 --rounds 2
 
 # the SpecTr paper's comparison: MAT vs drafts K and length L, one drafter for all, sampling (T = 1), no paired AR.
 # Two questions per task (14 turns of 64 tokens, ~650 verify steps per run): the quick slice's ~300 steps left MAT a
@@ -86,7 +86,7 @@ MD       := $(BENCH) $(MD_DRAFTER) temperature=1 baseline=none $(MD_SLICE)
 # (teacher-forced along the target's own sampled text; exact for SpecInfer / K-SEQ / IS, Monte Carlo for RSD)
 .PHONY: bench-token-acceptance
 bench-token-acceptance: install  ## acceptance vs K of specinfer / spectr / khisti / rsd on the same (p, q) pairs (~10 min) -> runs/bench/token_acceptance.json
-	$(PY) -m specdec.token_acceptance --$(MD_DRAFTER) --ks 1,2,4,8 --threads $(BENCH_THREADS)
+	$(PY) -m analysis.token_acceptance --$(MD_DRAFTER) --ks 1,2,4,8 --threads $(BENCH_THREADS)
 
 # sampling mode (issue 10): every method paired with sampled AR at T = 1 and at T = 0.7 / top-p 0.95 (new methods go at
 # the end of a list: a sweep dir's job n must keep its method to resume)
@@ -131,7 +131,7 @@ bench-dynamic: install  ## eagle2/opt_tree/dyspec x drafters, static trees, N sw
 	$(DT) method=eagle2 drafter=eagle method.budget=16,32 hydra.sweep.dir=runs/bench/dynamic/eagle2_budget
 	$(DT) method=eagle2 drafter=eagle method.rerank=false hydra.sweep.dir=runs/bench/dynamic/eagle2_norerank
 	test -f $(DT_PROFILE) || $(PY) -m analysis.latency profile --threads $(BENCH_THREADS) --backend onednn --out $(DT_PROFILE)
-	$(DT) method=eagle2 drafter=eagle method.budget=auto method.latency_profile=$(DT_PROFILE) hydra.sweep.dir=runs/bench/dynamic/eagle2_auto
+	$(DT) method=eagle2 drafter=eagle method.budget=auto auto_budget.latency_profile=$(DT_PROFILE) hydra.sweep.dir=runs/bench/dynamic/eagle2_auto
 
 .PHONY: bench-multidraft
 bench-multidraft: install  ## MAT vs K in {1,2,4,8} and L in {2,4}: sps, specinfer, spectr, khisti, rsd (MD_DRAFTER) -> runs/bench/multidraft/

@@ -20,9 +20,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
     from specdec.errors import run_in_output_dir
-    from specdec.runner import run
+    from specdec.running.runner import run
 
-    return run_in_output_dir(lambda out_dir: run(cfg, out_dir))  # a sweep job's refusal: specdec/sweep.py
+    return run_in_output_dir(lambda out_dir: run(cfg, out_dir))  # a sweep job's refusal: specdec/running/sweep.py
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@
   paired baseline, whatever their path; K drafts and length L read from each method's knobs;
 * dynamic trees (issue 12): ``method_stats`` of eagle2 / opt_tree / dyspec summaries (calibration of node
   values against acceptance, tokens per verify, proposer ms per step, auto budget choices);
-* training curves (issues 11, 12): the ``history`` of ``runs/train/<stem>/summary.json`` (specdec/train.py).
+* training curves (issues 11, 12): the ``history`` of ``runs/train/<stem>/summary.json`` (specdec/training/train.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from specdec.results import clustered_ratio_se
+from specdec.running.results import clustered_ratio_se
 
 from . import figures
 from .figures import plt
@@ -262,7 +262,7 @@ def dynamic_trees_table(dyn: list[dict]) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------
-# Training curves (issues 11, 12; specdec/train.py writes runs/train/<stem>/summary.json)
+# Training curves (issues 11, 12; specdec/training/train.py writes runs/train/<stem>/summary.json)
 # --------------------------------------------------------------------------------------------
 
 def load_training(root: str | Path) -> dict[str, dict]:
@@ -333,7 +333,7 @@ def multidraft_outputs(df: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def token_acceptance_figure(report: dict, out_dir: str | Path, name: str = "token_acceptance") -> list[Path]:
-    """Token-level acceptance vs drafts K per rule on the same (p, q) pairs (``specdec.token_acceptance``),
+    """Token-level acceptance vs drafts K per rule on the same (p, q) pairs (``analysis.token_acceptance``),
     with +-1 standard error (Khisti et al.'s table as a figure)."""
     table = pd.DataFrame(report["rows"])
     labels = {"specinfer": "SpecInfer (SpS at K = 1)", "spectr": "SpecTr K-SEQ",

@@ -21,48 +21,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .tables import TASK_ORDER, TASK_TITLES, _fmt_value, add_labels  # noqa: E402
+from specdec.running.report import TASK_ORDER, TASK_TITLES, save, speedup_bars  # noqa: E402,F401
+from specdec.running.report import error_bars as _err  # noqa: E402
 
-plt.rcParams.update({"figure.dpi": 120, "savefig.bbox": "tight", "axes.spines.top": False,
-                     "axes.spines.right": False, "font.size": 9})
-
-
-def save(fig, out_dir: str | Path, name: str) -> list[Path]:
-    """Save ``fig`` as PNG and PDF under ``out_dir``; close it; return the paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
-    for path in paths:
-        fig.savefig(path)
-    plt.close(fig)
-    return paths
-
-
-def _err(values: pd.Series) -> np.ndarray | None:
-    values = values.fillna(0).to_numpy()
-    return values if values.any() else None
-
-
-def speedup_bars(summary: pd.DataFrame, out_dir: str | Path, name: str = "speedup_by_task",
-                 tasks: Sequence[str] = TASK_ORDER, title: str | None = None) -> list[Path]:
-    """Grouped bars: speedup per task (x) for each method (bar), error bars = std over repeats."""
-    data = summary[summary["task"].astype(str).isin(tasks) & summary["speedup"].notna()]
-    tasks = [t for t in tasks if t in set(data["task"].astype(str))]
-    labels = list(dict.fromkeys(data.sort_values("label")["label"]))
-    fig, ax = plt.subplots(figsize=(max(1.0 + 1.05 * len(tasks), 1.0 + 0.35 * len(tasks) * max(1, len(labels))), 3.2))
-    width = 0.8 / max(1, len(labels))
-    x = np.arange(len(tasks))
-    for i, label in enumerate(labels):
-        rows = data[data["label"] == label].set_index(data[data["label"] == label]["task"].astype(str)).reindex(tasks)
-        ax.bar(x + (i - (len(labels) - 1) / 2) * width, rows["speedup"], width, yerr=_err(rows["speedup_std"]),
-               label=label, capsize=2)
-    ax.axhline(1.0, color="black", lw=0.8, ls="--")
-    ax.set_xticks(x, [TASK_TITLES.get(t, t) for t in tasks])
-    ax.set_ylabel("speedup vs AR")
-    ax.set_title(title or "Speedup per Spec-Bench task")
-    ax.legend(fontsize=7, frameon=False, ncol=2 if len(labels) > 4 else 1)
-    return save(fig, out_dir, name)
-
+from .tables import _fmt_value, add_labels  # noqa: E402
 
 def knob_sweep(summary: pd.DataFrame, knob: str, out_dir: str | Path, name: str | None = None,
                task: str = "overall", group: str = "method") -> list[Path]:

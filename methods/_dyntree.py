@@ -1,5 +1,5 @@
 """Shared proposer of the dynamic-tree methods (eagle2, opt_tree, dyspec): the drafter follows the
-committed sequence, the policy (``grow``) fills a ``specdec.tree_builder.Pool``, the builder keeps the
+committed sequence, the policy (``grow``) fills a ``specdec.drafters.tree_builder.Pool``, the builder keeps the
 top-N nodes as the tree. Runs are named honestly: "EAGLE-2 tree policy (drafter: early_exit)" unless the
 drafter is an EAGLE head (then plain "EAGLE-2").
 
@@ -19,11 +19,11 @@ from abc import ABC, abstractmethod
 import torch
 
 from methods._draft import DraftModelProposer
-from specdec.decode import Stopwatch
+from specdec.verify.decode import Stopwatch
 from specdec.errors import SettingError, UserError
-from specdec.proposer import Context, MethodEnv, StepResult
-from specdec.tree import DETERMINISTIC, DraftTree
-from specdec.tree_builder import AutoBudget, Pool, run_settings, select
+from specdec.verify.proposer import Context, MethodEnv, StepResult
+from specdec.verify.tree import DETERMINISTIC, DraftTree
+from specdec.drafters.tree_builder import AutoBudget, Pool, run_settings, select
 
 CALIBRATION_BINS = 10  # node value in [i/10, (i+1)/10)
 
@@ -33,17 +33,20 @@ class DynamicTreeProposer(DraftModelProposer, ABC):
 
     paper = "dynamic tree"
     max_tree_depth = 64           # subclasses: the policy's deepest node
-    budget_includes_root = False  # True: ``budget`` / ``auto_max_budget`` count tokens per verify (root included)
+    budget_includes_root = False  # True: ``budget`` / ``auto_budget.max_budget`` count tokens per verify (root included)
 
-    def __init__(self, env: MethodEnv, name: str, budget, latency_profile: str | None = None,
-                 auto_max_budget: int = 64):
+    def __init__(self, env: MethodEnv, name: str, budget):
+        """``budget``: the method's knob, or "auto" with the run's ``auto_budget`` settings (conf/auto_budget/,
+        one definition for the three methods: ``latency_profile`` and ``max_budget``)."""
         super().__init__(env, name)
         root = int(self.budget_includes_root)
         self.auto = None
         if budget == "auto":
-            if not latency_profile:
-                raise UserError(f"method {name!r}: budget=auto needs latency_profile=<profile JSON>")
-            self.auto = AutoBudget(latency_profile, int(auto_max_budget) - root, run_settings(env.device, env.model))
+            auto = env.auto_budget or {}
+            if not auto.get("latency_profile"):
+                raise UserError(f"method {name!r}: budget=auto needs auto_budget.latency_profile=<profile JSON>")
+            self.auto = AutoBudget(auto["latency_profile"], int(auto.get("max_budget", 64)) - root,
+                                   run_settings(env.device, env.model))
         elif not isinstance(budget, int) or isinstance(budget, bool) or budget < 1 + root:
             raise SettingError(f"budget must be an int >= {1 + root} or 'auto', got {budget!r}")
         self.budget = budget                                   # the knob, in the method's own unit

@@ -31,7 +31,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from specdec.corpus import corpus_fingerprint, corpus_records, record_texts
+from specdec.running.corpus import corpus_fingerprint, corpus_records, record_texts
 
 log = logging.getLogger(__name__)
 

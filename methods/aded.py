@@ -72,9 +72,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from specdec import PROJECT_ROOT
 from specdec.errors import SettingError
-from specdec.proposer import Context, MethodEnv, Proposer, register
-from specdec.tree import DraftTree
+from specdec.verify.proposer import Context, MethodEnv, Proposer, register
+from specdec.verify.tree import DraftTree
 
 from . import _aded_search, _trigram
 from ._trigram import TrigramTable
@@ -346,7 +347,7 @@ def load_tokenizer(model: str, cache_dir: Path):
 
     from specdec.models import resolve_source
 
-    config = Path(__file__).resolve().parent.parent / "conf" / "model" / f"{model}.yaml"
+    config = PROJECT_ROOT / "conf" / "model" / f"{model}.yaml"
     if config.exists():
         from omegaconf import OmegaConf
 

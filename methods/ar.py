@@ -4,7 +4,7 @@ commits exactly one token (MAT = 1.00) through the same loop, timer and counters
     python run.py method=ar
 """
 
-from specdec.proposer import Proposer, register
+from specdec.verify.proposer import Proposer, register
 
 
 @register("ar")

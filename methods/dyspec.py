@@ -33,21 +33,20 @@ import torch
 
 from methods._dyntree import DynamicTreeProposer
 from specdec.errors import SettingError, UserError
-from specdec.proposer import MethodEnv, register
-from specdec.tree import DETERMINISTIC, WITHOUT_REPLACEMENT
-from specdec.tree_builder import Pool
+from specdec.verify.proposer import MethodEnv, register
+from specdec.verify.tree import DETERMINISTIC, WITHOUT_REPLACEMENT
+from specdec.drafters.tree_builder import Pool
 
 
 @register("dyspec")
 class DySpec(DynamicTreeProposer):
     paper = "DySpec (reconstruction)"
 
-    def __init__(self, env: MethodEnv, budget=59, band: float = 0.0, max_depth: int = 10,
-                 latency_profile: str | None = None, auto_max_budget: int = 64):
+    def __init__(self, env: MethodEnv, budget=59, band: float = 0.0, max_depth: int = 10):
         if not 0 <= band < 1 or max_depth < 1:
             raise SettingError(f"band must be in [0, 1) and max_depth >= 1, got {band}, {max_depth}")
         self.band, self.max_tree_depth = float(band), max_depth
-        super().__init__(env, self.key, budget, latency_profile, auto_max_budget)
+        super().__init__(env, self.key, budget)
         if self.auto and not self.greedy:
             raise UserError("dyspec: budget=auto is greedy-only (a top-N cut could drop a sampled sibling that "
                             "later siblings' draw law depends on)")

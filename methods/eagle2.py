@@ -20,8 +20,8 @@ import torch
 
 from methods._dyntree import DynamicTreeProposer
 from specdec.errors import SettingError
-from specdec.proposer import MethodEnv, register
-from specdec.tree_builder import Pool, stable_top
+from specdec.verify.proposer import MethodEnv, register
+from specdec.drafters.tree_builder import Pool, stable_top
 
 
 @register("eagle2")
@@ -29,13 +29,12 @@ class Eagle2(DynamicTreeProposer):
     paper = "EAGLE-2"
     budget_includes_root = True   # budget = total_token of the release
 
-    def __init__(self, env: MethodEnv, budget=60, depth: int = 5, top_k: int = 10, rerank: bool = True,
-                 latency_profile: str | None = None, auto_max_budget: int = 64):
+    def __init__(self, env: MethodEnv, budget=60, depth: int = 5, top_k: int = 10, rerank: bool = True):
         if depth < 0 or top_k < 1:
             raise SettingError(f"depth must be >= 0 and top_k >= 1, got depth={depth}, top_k={top_k}")
         self.expansions, self.top_k, self.rerank = depth, top_k, rerank
         self.max_tree_depth = depth + 1
-        super().__init__(env, self.key, budget, latency_profile, auto_max_budget)
+        super().__init__(env, self.key, budget)
 
     def grow(self, pool: Pool, root_logprobs: torch.Tensor, max_depth: int) -> None:
         frontier = pool.add_top([0], root_logprobs, self.top_k)

@@ -6,14 +6,14 @@ released code ``Equationliu/Kangaroo`` @ 4f0949d, greedy chain drafts only).
     python run.py method=kangaroo drafter=early_exit drafter.exit_layer=4   # untrained exit (no adapter)
 
 A tree policy over the ``early_exit`` drafter (the target's first ℓ layers + Kangaroo's adapter + the
-frozen LM head; specdec/drafter.py, specdec/heads.py); it never touches a KV cache.
+frozen LM head; specdec/drafters/base.py, specdec/drafters/heads.py); it never touches a KV cache.
 
 * First exit: every draft comes from the drafter (layer ℓ -> adapter -> LM head).
 * Second exit: drafting stops after the first draft whose confidence (top probability of the draft
   softmax that produced it) is below η (``threshold``), or after γ = ``max_steps`` drafts (released
   ``--steps 6``, README ``--threshold 0.6``); that last draft is still verified.
 * ``reuse_shallow: true``: the tree carries the nodes' layer-ℓ states and their K/V of layers < ℓ, all
-  computed while drafting (``specdec.target.ShallowStates``); the verifier runs layers [ℓ, L) only.
+  computed while drafting (``specdec.verify.target.ShallowStates``); the verifier runs layers [ℓ, L) only.
   The last draft therefore also goes through the shallow layers and the adapter (its state and the
   adapter's cache row are needed), but not through the LM head (``want_logits=False``).
   ``false``: the verifier runs the full model (correct, pays the shallow layers twice).
@@ -31,10 +31,10 @@ import torch
 
 from methods._draft import DraftModelProposer
 from specdec.errors import SettingError
-from specdec.drafter import EarlyExitDrafter
-from specdec.proposer import Context, MethodEnv, register
-from specdec.target import ShallowStates
-from specdec.tree import CHAIN_SAMPLED, DETERMINISTIC, DraftTree
+from specdec.drafters import EarlyExitDrafter
+from specdec.verify.proposer import Context, MethodEnv, register
+from specdec.verify.target import ShallowStates
+from specdec.verify.tree import CHAIN_SAMPLED, DETERMINISTIC, DraftTree
 
 
 @register("kangaroo")

@@ -5,7 +5,7 @@
 
 Drafting is SpecInfer's (methods/specinfer.py): k i.i.d. sequences of length L drawn from the UNTOUCHED draft
 law q, merged into a trie with multiplicities; the tree stores that q. Verification (``multi_draft_is``,
-specdec/acceptance.py ``Sampling._multi_draft_is`` and ``lp_selection``) is the paper's canonical
+specdec/verify/acceptance.py ``Sampling._multi_draft_is`` and ``lp_selection``) is the paper's canonical
 decomposition (Section 3) at every node: a selection beta picks one of the K drafted tokens, then
 single-draft speculative sampling runs on the pick against r, the exact law of the pick. beta is the paper's
 optimised selection: the linear program in beta that maximises the acceptance sum_y min(p(y), r_beta(y))
@@ -40,10 +40,10 @@ from __future__ import annotations
 import dataclasses
 
 from methods.specinfer import SpecInfer
-from specdec.acceptance import ISSelection, MultiDraftTree
+from specdec.verify.acceptance import ISSelection, MultiDraftTree
 from specdec.errors import SettingError
-from specdec.proposer import MethodEnv, register
-from specdec.tree import MULTI_DRAFT_IS, DraftTree
+from specdec.verify.proposer import MethodEnv, register
+from specdec.verify.tree import MULTI_DRAFT_IS, DraftTree
 
 MAX_LP_SYMBOLS = 12  # lp_tokens + tail_classes: the LP has 2^n - 1 draw patterns per node [design]
 

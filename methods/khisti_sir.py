@@ -8,7 +8,7 @@ It keeps the harness's earlier construction under its own name, for comparison:
 * drafting: SpecInfer's trie (k i.i.d. sequences of length L), but at every node q is first cut to its
   top_m tokens and renormalised, and the children are drawn from (and the tree stores) that truncated q;
 * selection: plain self-normalised importance resampling of the draws, w = p / q (``is_selection`` in
-  specdec/acceptance.py), instead of the paper's optimised selection;
+  specdec/verify/acceptance.py), instead of the paper's optimised selection;
 * then single-draft SD against r, the exact law of that pick, enumerated over the C(top_m + K - 1, K) draw
   multisets (``is_selection_law``); exact for the truncated q it drew from.
 
@@ -23,10 +23,10 @@ import torch
 
 from methods.khisti import with_selection
 from methods.specinfer import SpecInfer
-from specdec.acceptance import ISSelection, is_multisets
+from specdec.verify.acceptance import ISSelection, is_multisets
 from specdec.errors import SettingError
-from specdec.proposer import MethodEnv, register
-from specdec.tree import MULTI_DRAFT_IS, DraftTree
+from specdec.verify.proposer import MethodEnv, register
+from specdec.verify.tree import MULTI_DRAFT_IS, DraftTree
 
 SIR = ISSelection("sir")
 

@@ -56,7 +56,7 @@ Details the paper and the release leave open or that are [U], and how they are r
   lookahead_cpu's 6, hence ``warm_start_max_records``. The build
   runs with the cyclic GC off and ends with ``gc.freeze()`` (process-wide: later GC passes skip
   the trie instead of rescanning millions of nodes inside timed steps).
-* The warm-start corpus is read by ``specdec.corpus`` (shared with ADED): of ShareGPT, only the
+* The warm-start corpus is read by ``specdec.running.corpus`` (shared with ADED): of ShareGPT, only the
   ``gpt`` turns (answers) are inserted, as output frequencies.
 """
 
@@ -70,10 +70,10 @@ from typing import Optional, Sequence
 import torch
 
 from specdec.errors import SettingError
-from specdec.corpus import corpus_path, corpus_records, record_texts
-from specdec.prompts import stop_ids as model_stop_ids
-from specdec.proposer import Context, MethodEnv, Proposer, StepResult, register
-from specdec.tree import DraftTree
+from specdec.running.corpus import corpus_path, corpus_records, record_texts
+from specdec.running.prompts import stop_ids as model_stop_ids
+from specdec.verify.proposer import Context, MethodEnv, Proposer, StepResult, register
+from specdec.verify.tree import DraftTree
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import torch
 
 from methods._dyntree import DynamicTreeProposer
 from specdec.errors import SettingError
-from specdec.proposer import MethodEnv, register
-from specdec.tree_builder import Pool
+from specdec.verify.proposer import MethodEnv, register
+from specdec.drafters.tree_builder import Pool
 
 
 @register("opt_tree")
@@ -33,12 +33,12 @@ class OptTree(DynamicTreeProposer):
     paper = "OPT-Tree"
 
     def __init__(self, env: MethodEnv, nodes: int = 50, threshold: float = 0.5, max_depth: int = 10,
-                 budget=None, latency_profile: str | None = None, auto_max_budget: int = 64):
+                 budget=None):
         if nodes < 1 or max_depth < 2:
             raise SettingError(f"nodes must be >= 1 and max_depth >= 2, got nodes={nodes}, max_depth={max_depth}")
         self.nodes, self.threshold, self.max_layers = nodes, threshold, max_depth
         self.max_tree_depth = max_depth - 1
-        super().__init__(env, self.key, nodes if budget is None else budget, latency_profile, auto_max_budget)
+        super().__init__(env, self.key, nodes if budget is None else budget)
 
     def grow(self, pool: Pool, root_logprobs: torch.Tensor, max_depth: int) -> None:
         layers = [pool.add_top([0], root_logprobs, self.nodes)]

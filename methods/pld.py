@@ -31,9 +31,9 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from specdec.errors import SettingError
-from specdec.prompts import stop_ids
-from specdec.proposer import Context, MethodEnv, Proposer, register
-from specdec.tree import DraftTree
+from specdec.running.prompts import stop_ids
+from specdec.verify.proposer import Context, MethodEnv, Proposer, register
+from specdec.verify.tree import DraftTree
 
 LOOKUPS = ("transformers", "spec_bench")
 

@@ -59,10 +59,10 @@ from typing import Optional
 import torch
 
 from specdec.errors import SettingError
-from specdec.decode import device_work
-from specdec.prompts import stop_ids
-from specdec.proposer import Context, MethodEnv, Proposer, StepResult, register
-from specdec.tree import DETERMINISTIC, DraftTree
+from specdec.verify.decode import device_work
+from specdec.running.prompts import stop_ids
+from specdec.verify.proposer import Context, MethodEnv, Proposer, StepResult, register
+from specdec.verify.tree import DETERMINISTIC, DraftTree
 
 RankPath = tuple[int, ...]
 

@@ -22,8 +22,8 @@ import torch
 
 from methods._draft import DraftModelProposer
 from specdec.errors import SettingError
-from specdec.proposer import Context, MethodEnv, register
-from specdec.tree import WITHOUT_REPLACEMENT, DraftTree
+from specdec.verify.proposer import Context, MethodEnv, register
+from specdec.verify.tree import WITHOUT_REPLACEMENT, DraftTree
 
 TREES = ("constant", "beam")
 

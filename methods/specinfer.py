@@ -19,8 +19,8 @@ import torch
 
 from methods._draft import DraftModelProposer
 from specdec.errors import SettingError
-from specdec.proposer import Context, MethodEnv, register
-from specdec.tree import IID, DraftTree
+from specdec.verify.proposer import Context, MethodEnv, register
+from specdec.verify.tree import IID, DraftTree
 
 
 @register("specinfer")

@@ -10,7 +10,7 @@ drafts alive at that node, and the residual is SpecTr's p_res. With k = 1 it is 
 exact draft-sequence algorithm is [U] (no official code); this is the derived tree version. When no
 draw is accepted and the residual sample equals a drafted (rejected) token, the walk descends into that
 child (``descend_on_residual_match``): exact, since the child's continuations are i.i.d. draws from
-q(. | prefix) that do not depend on the coins of this level (specdec/acceptance.py ``Sampling._kseq``).
+q(. | prefix) that do not depend on the coins of this level (specdec/verify/acceptance.py ``Sampling._kseq``).
 With rho = rho* that event has probability zero up to round-off: p_res is positive only on tokens with
 p > rho* q, which a draw is accepted with probability 1 (see ``_kseq``); it matters for any larger rho.
 """
@@ -18,8 +18,8 @@ p > rho* q, which a draw is accepted with probability 1 (see ``_kseq``); it matt
 from __future__ import annotations
 
 from methods.specinfer import SpecInfer
-from specdec.proposer import register
-from specdec.tree import IID_KSEQ
+from specdec.verify.proposer import register
+from specdec.verify.tree import IID_KSEQ
 
 
 @register("spectr")

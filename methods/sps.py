@@ -17,8 +17,8 @@ import torch
 
 from methods._draft import DraftModelProposer
 from specdec.errors import SettingError
-from specdec.proposer import Context, MethodEnv, register
-from specdec.tree import CHAIN_SAMPLED, DraftTree
+from specdec.verify.proposer import Context, MethodEnv, register
+from specdec.verify.tree import CHAIN_SAMPLED, DraftTree
 
 
 @register("sps")

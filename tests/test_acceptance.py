@@ -13,8 +13,8 @@ import torch
 from conftest import assert_same_distribution
 from scipy.stats import chisquare
 
-from specdec.acceptance import Greedy, Sampling, make_rule, sampling_processors
-from specdec.tree import CHAIN_SAMPLED, DETERMINISTIC, IID, DraftTree
+from specdec.verify.acceptance import Greedy, Sampling, make_rule, sampling_processors
+from specdec.verify.tree import CHAIN_SAMPLED, DETERMINISTIC, IID, DraftTree
 
 V = 6
 TRIALS = 30_000

@@ -38,9 +38,9 @@ from methods.aded import (
     reward_of,
     select_child,
 )
-from specdec.acceptance import Sampling, sampling_processors
-from specdec.proposer import Context, MethodEnv, build_proposer
-from specdec.tree import DraftTree
+from specdec.verify.acceptance import Sampling, sampling_processors
+from specdec.verify.proposer import Context, MethodEnv, build_proposer
+from specdec.verify.tree import DraftTree
 
 
 class WordTokenizer:
@@ -246,7 +246,7 @@ def test_proposer_tree_is_a_bfs_trie_within_max_nodes(tmp_path):
     env = MethodEnv(vocab_size=64, device=torch.device("cpu"), tokenizer=WORDS, cache_dir=str(tmp_path))
     prop = Aded(env, empty_table=True, max_nodes=6)
     prop.table = sharegpt_like_table()
-    from specdec.proposer import Context
+    from specdec.verify.proposer import Context
 
     ctx = Context(tokens=[5, 1, 2], prompt_len=3, remaining=10)
     tree = prop.propose(ctx)
@@ -310,7 +310,7 @@ def aded_trees(tmp_path, n_trees=40):
     corpus.write_text("\n".join(" ".join(map(str, rng.zipf(1.6, 30) % V)) for _ in range(100)))
     env = MethodEnv(vocab_size=V, device=torch.device("cpu"), tokenizer=words, cache_dir=str(tmp_path))
     prop = Aded(env, corpus=str(corpus), sims=30)
-    from specdec.proposer import Context
+    from specdec.verify.proposer import Context
 
     trees = []
     for _ in range(n_trees):

@@ -324,7 +324,7 @@ def test_notebook_runs_top_to_bottom_on_fixtures(name, tmp_path):
 
 # ------------------------------------------------------------------------------------------ proposer ms
 def test_proposer_ms_per_step_matches_the_summary_and_old_records_fall_back(stats, tmp_path):
-    from specdec.results import aggregate
+    from specdec.running.results import aggregate
 
     run = tmp_path / "pld_steps"
     shutil.copytree(PLD, run)

@@ -11,8 +11,8 @@ from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, Llam
 from conftest import method_env, run_generation
 from specdec.backends import apply_backend
 from specdec.errors import UserError
-from specdec.proposer import Proposer
-from specdec.target import Target
+from specdec.verify.proposer import Proposer
+from specdec.verify.target import Target
 from test_decode import RandomDrafts
 from test_verifier import check_compaction_equals_recomputation, check_tree_equals_paths, random_tree
 

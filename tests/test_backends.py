@@ -10,11 +10,11 @@ from torch import nn
 
 from conftest import EMBEDDED, LOSSLESS_NEW_TOKENS, method_env, run_generation, tiny_llama
 from specdec.backends import (PackedLinear, _as_inference_inputs, apply_backend, backend_of, one_row_kernels,
-                              onednn_supports, pack_linears, resolve_backend, warm)
+                              onednn_supports, pack_linears, resolve_backend)
 from specdec.errors import UserError
 from specdec.models import load_model
-from specdec.proposer import Proposer
-from specdec.target import Target
+from specdec.verify.proposer import Proposer
+from specdec.verify.target import Target, warm
 from test_verifier import check_tree_equals_paths, random_tree
 
 

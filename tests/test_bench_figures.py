@@ -16,7 +16,7 @@ from analysis import bench_figures as bf
 from analysis import load_runs
 from analysis.tables import speedup_stats
 from analysis.__main__ import build
-from specdec.token_acceptance import summarize as summarize_acceptance
+from analysis.token_acceptance import summarize as summarize_acceptance
 
 # question -> (task, category); accept lengths are chosen per run, one turn per question
 QUESTIONS = {81: ("mt_bench", "writing"), 161: ("translation", "translation"), 321: ("qa", "qa")}

@@ -1,4 +1,4 @@
-"""``python -m specdec.compare`` (what ``make run`` runs): one run dir per method in the format ``analysis/``
+"""``python -m specdec.running.compare`` (what ``make run`` runs): one run dir per method in the format ``analysis/``
 loads, AR's answer as every method's paired baseline, resume, the combined table and the chart; bad input."""
 
 import json
@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from analysis import check_against_summaries, load_runs, load_summaries, run_stats
 from analysis.tables import compare_markdown, compare_table
-from specdec.compare import compared_methods
+from specdec.running.compare import compared_methods
 from specdec.errors import UserError
 from test_run import assert_user_error, read_answers, tiny_model_dir  # noqa: F401 (a fixture)
 
@@ -27,7 +27,7 @@ METHODS = ["recycle_cpu", "lookahead_cpu", "pld"]
 
 def compare_cli(*overrides: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "specdec.compare", *overrides], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "specdec.running.compare", *overrides], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -9,9 +9,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import method_env, run_generation
-from specdec.drafter import build_drafter
+from specdec.drafters import build_drafter
 from specdec.errors import UserError
-from specdec.proposer import build_proposer, registry
+from specdec.verify.proposer import build_proposer, registry
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
@@ -52,7 +52,7 @@ def test_task_yaml_composes(name):
 
 def test_vicuna_template_matches_fastchat(smollm2):
     """The configured template renders FastChat's vicuna_v1.1 prompt, turn 2 included."""
-    from specdec.prompts import PromptBuilder
+    from specdec.running.prompts import PromptBuilder
 
     _, tok, _ = smollm2
     builder = PromptBuilder(tok, compose_config("model=vicuna-7b").model.chat_template)
@@ -76,6 +76,33 @@ def test_unknown_method_setting_fails_at_start(smollm2):
     model, tok, _ = smollm2
     with pytest.raises(UserError, match="unknown setting"):
         build_proposer({"name": "ar", "proposer": "ar", "typo_knob": 3}, method_env(model, tok))
+
+
+def test_only_a_refused_setting_reads_as_a_config_error(tiny_model, monkeypatch):
+    """A constructor's SettingError (or a missing setting) is one UserError line naming the method; any other
+    error raised while building it is a bug and keeps its type and traceback."""
+    from specdec.verify import proposer as proposer_module
+    from specdec.errors import SettingError
+    from specdec.verify.proposer import Proposer
+
+    class Picky(Proposer):
+        def __init__(self, env, size: int, bug: bool = False):
+            super().__init__(env)
+            if size < 1:
+                raise SettingError(f"size must be >= 1, got {size}")
+            if bug:
+                int("not a number")  # a ValueError from a bug, not from the config
+
+    monkeypatch.setitem(proposer_module._REGISTRY, "picky", Picky)
+    env = method_env(tiny_model)
+    with pytest.raises(UserError, match=r"^method 'p': size must be >= 1, got 0$"):
+        build_proposer({"name": "p", "proposer": "picky", "size": 0}, env)
+    with pytest.raises(UserError, match="missing a required argument: 'size'"):
+        build_proposer({"name": "p", "proposer": "picky"}, env)
+    with pytest.raises(ValueError, match="invalid literal") as bug:
+        build_proposer({"name": "p", "proposer": "picky", "size": 1, "bug": True}, env)
+    assert not isinstance(bug.value, UserError)
+    assert isinstance(build_proposer({"name": "p", "proposer": "picky", "size": 2}, env), Picky)
 
 
 def shipped_proposer(name: str, model, tok):

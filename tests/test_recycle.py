@@ -15,9 +15,9 @@ from conftest import LOSSLESS_NEW_TOKENS, method_env, run_generation, tiny_llama
 from methods.recycle import (CHILDREN_2_2_2, TokenRecycling, expand_children, last_occurrence,
                              load_template, nested_subset)
 from specdec.errors import UserError
-from specdec.proposer import Context, MethodEnv, StepResult, build_proposer
-from specdec.target import Target
-from specdec.tree import DraftTree
+from specdec.verify.proposer import Context, MethodEnv, StepResult, build_proposer
+from specdec.verify.target import Target
+from specdec.verify.tree import DraftTree
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from specdec.results import AnswerFile, aggregate, cost_split, format_table, summarize, write_report
+from specdec.running.results import AnswerFile, aggregate, cost_split, format_table, summarize, write_report
 
 
 def record(qid, task, new_tokens, wall_time, accept_lengths, base_tokens, base_wall, identical=True, drafts=(0.0,)):

@@ -145,7 +145,7 @@ def test_warmup_runs_on_a_question_outside_the_timed_set():
     """With warm-up state kept, warming up on a timed question would time an answer the method has seen."""
     from omegaconf import OmegaConf
 
-    from specdec.runner import task_questions, warmup_question
+    from specdec.running.runner import task_questions, warmup_question
 
     mini = OmegaConf.create({"task": {"path": str(QUESTIONS), "per_category": 2}})
     questions, _ = task_questions(mini)

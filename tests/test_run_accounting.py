@@ -7,8 +7,8 @@ import shutil
 
 from hydra import compose, initialize_config_dir
 
-from specdec import compare as compare_module
-from specdec.compare import compared_methods
+from specdec.running import compare as compare_module
+from specdec.running.compare import compared_methods
 from test_compare import compare_cli
 from test_run import ROOT, read_answers, run_cli, tiny_args, tiny_model_dir  # noqa: F401 (a fixture)
 

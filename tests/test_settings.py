@@ -1,4 +1,4 @@
-"""specdec/settings.py: shared settings as the command line gives them (Hydra's parsing) are coerced to
+"""specdec/running/settings.py: shared settings as the command line gives them (Hydra's parsing) are coerced to
 their types or rejected with one clear line; two cases end to end through ``run.py`` (exit 2)."""
 
 import pytest
@@ -6,9 +6,9 @@ from omegaconf import OmegaConf
 from test_configs import compose_config
 from test_run import assert_user_error, run_cli, tiny_args, tiny_model_dir  # noqa: F401  (module fixture)
 
-from specdec.acceptance import make_rule
+from specdec.verify.acceptance import make_rule
 from specdec.errors import UserError
-from specdec.settings import check_settings
+from specdec.running.settings import check_settings
 
 BAD = [
     ("temperature=-1", "temperature must be >= 0"),

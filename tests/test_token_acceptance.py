@@ -1,4 +1,4 @@
-"""specdec.token_acceptance: the per-rule acceptance probabilities it reports are those of the shipped rules.
+"""analysis.token_acceptance: the per-rule acceptance probabilities it reports are those of the shipped rules.
 
 The exact formulas (SpecInfer, K-SEQ, Khisti et al.'s LP selection, the harness's SIR variant) are checked
 against an enumeration or against the shipped rule's Monte Carlo rate on test_multidraft's hand-built p and
@@ -17,11 +17,11 @@ from test_khisti import is_cases, is_first_token_counts
 from test_multidraft import first_token_counts
 
 from methods.khisti_sir import truncate_top_m
-from specdec.acceptance import ISSelection
-from specdec.drafter import EarlyExitDrafter
-from specdec.token_acceptance import (RULES, accept_khisti, accept_kseq, accept_rsd, accept_sir, accept_specinfer,
+from specdec.verify.acceptance import ISSelection
+from specdec.drafters import EarlyExitDrafter
+from analysis.token_acceptance import (RULES, accept_khisti, accept_kseq, accept_rsd, accept_sir, accept_specinfer,
                                       clustered_mean, node_acceptance, summarize)
-from specdec.tree import IID_KSEQ
+from specdec.verify.tree import IID_KSEQ
 
 TRIALS = 6_000
 CASES = ["random", "q_zeros_where_p_not", "p_zeros_where_q_not", "nearly_disjoint", "q_top3"]

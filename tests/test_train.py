@@ -1,4 +1,4 @@
-"""The draft-head training command (specdec/train.py) and the heads (specdec/heads.py) on a tiny random
+"""The draft-head training command (specdec/training/train.py) and the heads (specdec/drafters/heads.py) on a tiny random
 Llama: the loss goes down, the held-out accept rate goes up, a rerun resumes (with the counters of an
 uninterrupted run), checkpoints round-trip, dotted model names keep whole head paths, the teacher cache is
 keyed by the model's path and revision, torch's thread count is left alone; the assistant-token mask on
@@ -16,9 +16,9 @@ import torch
 from conftest import tiny_llama
 
 from specdec.errors import UserError
-import specdec.train as train_module
-from specdec.heads import EagleHead, KangarooAdapter, head_stem, load_head, save_head
-from specdec.train import (build_teacher_cache, encode_conversation, main, model_identity, parse_args, teacher_dir,
+import specdec.training.train as train_module
+from specdec.drafters.heads import EagleHead, KangarooAdapter, head_stem, load_head, save_head
+from specdec.training.train import (build_teacher_cache, encode_conversation, main, model_identity, parse_args, teacher_dir,
                            train)
 
 
@@ -108,7 +108,7 @@ def test_resumed_run_counts_tokens_and_time_as_an_uninterrupted_one(tmp_path, mo
 def test_teacher_cache_key_holds_the_model_path_and_revision(tmp_path, monkeypatch):
     """Two models with one name (and one label) but another path or another revision never share teacher states."""
     monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("specdec.corpus.corpus_fingerprint", lambda corpus: "corpus")
+    monkeypatch.setattr("specdec.running.corpus.corpus_fingerprint", lambda corpus: "corpus")
     cfg = tiny_run(tmp_path)
     dirs = []
     for where in ("a", "b"):

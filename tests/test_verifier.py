@@ -8,8 +8,8 @@ import torch
 from transformers import DynamicCache
 
 from conftest import tiny_llama
-from specdec.target import Target
-from specdec.tree import DraftTree
+from specdec.verify.target import Target
+from specdec.verify.tree import DraftTree
 
 # root, two depth-1 branches, a depth-3 chain under the first, one child under the second
 PARENTS = [-1, 0, 0, 1, 1, 3, 2, 5]

@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError
+from specdec import PROJECT_ROOT
+from specdec.errors import UserError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 HEAD_SUFFIXES = (".safetensors", ".json", ".md")  # the files of one head: weights, config, card
 
 
@@ -157,11 +157,11 @@ def load_head(path: str | Path, model) -> nn.Module:
 
     path = head_stem(path)
     if not path.is_absolute() and not head_file(path, ".json").exists():
-        path = REPO_ROOT / path  # config paths are relative to the repo root
+        path = PROJECT_ROOT / path  # config paths are relative to the repo root
     weights, meta_file = head_file(path, ".safetensors"), head_file(path, ".json")
     if not weights.is_file() or not meta_file.is_file():
         raise UserError(f"draft head {path} not found (need {weights.name} and {meta_file.name}); "
-                        f"train one with `python -m specdec.train`")
+                        f"train one with `python -m specdec.training`")
     meta = json.loads(meta_file.read_text())
     for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size"):
         if meta[key] != getattr(model.config, key):

@@ -23,7 +23,7 @@ that a rule accepts one of K children drafted at a node:
 
 ``tests/test_token_acceptance.py`` checks each exact formula against the shipped rule's Monte Carlo rate.
 
-    python -m specdec.token_acceptance --drafter kangaroo --ks 1,2,4,8 -> runs/bench/token_acceptance.json
+    python -m analysis.token_acceptance --drafter kangaroo --ks 1,2,4,8 -> runs/bench/token_acceptance.json
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,9 +38,10 @@ import torch
 from methods.khisti_sir import truncate_top_m
 from methods.rsd import gumbel
 
-from .acceptance import (Sampling, is_selection_law, kseq_rho, lp_selection, optimal_acceptance_bound,
+from specdec import PROJECT_ROOT
+from specdec.verify.acceptance import (Sampling, is_selection_law, kseq_rho, lp_selection, optimal_acceptance_bound,
                          processed_probs, sampling_processors)
-from .results import clustered_ratio_se
+from specdec.running.results import clustered_ratio_se
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +167,10 @@ def main(argv=None) -> dict:
     from omegaconf import OmegaConf
     from tqdm import tqdm
 
-    from .drafter import build_drafter
-    from .models import load_model
-    from .prompts import PromptBuilder, stop_ids
-    from .results import write_report
+    from specdec.drafters import build_drafter
+    from specdec.models import load_model
+    from specdec.running.prompts import PromptBuilder, stop_ids
+    from specdec.running.results import write_report
     from tasks import load_questions
 
     parser = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
@@ -195,7 +195,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     ks = [int(k) for k in args.ks.split(",")]
-    conf = Path(__file__).resolve().parents[1] / "conf"
+    conf = PROJECT_ROOT / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose("config", overrides=[f"model={args.model}", f"drafter={args.drafter}"])
     cpu = torch.device("cpu")

@@ -1,8 +1,8 @@
 """Every method side by side on one model — what ``make run`` shows a new user.
 
-    python -m specdec.compare                                              # conf/compare.yaml
-    python -m specdec.compare 'methods=[pld,lookahead_cpu]' task.per_category=1
-    python -m specdec.compare hydra.run.dir=runs/compare/<existing dir>    # resume
+    python -m specdec.running.compare                                              # conf/compare.yaml
+    python -m specdec.running.compare 'methods=[pld,lookahead_cpu]' task.per_category=1
+    python -m specdec.running.compare hydra.run.dir=runs/compare/<existing dir>    # resume
 
 The model is loaded once. Per question, AR and every method of ``methods`` answer it in an order that
 rotates by one each question (so each method runs before AR on some questions and after it on others),
@@ -29,11 +29,13 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
-from .errors import UserError, run_in_output_dir
-from .proposer import Proposer
-from .results import AnswerFile, answer_record, write_json
-from .runner import (PROJECT_ROOT, Answer, Runner, environment, model_id, record_session, run_summary,
-                     task_questions, warmup_question)
+from specdec import PROJECT_ROOT
+from specdec.errors import UserError, run_in_output_dir
+from specdec.running.report import compare_report
+from specdec.running.results import AnswerFile, answer_record, write_json
+from specdec.running.runner import (Answer, Runner, environment, model_id, record_session, run_summary,
+                                    task_questions, warmup_question)
+from specdec.verify.proposer import Proposer
 
 log = logging.getLogger(__name__)
 BASELINE = "ar"
@@ -170,29 +172,12 @@ def compare(cfg: DictConfig, out_dir: Path) -> list[Path]:
     position = {qid: i for i, qid in enumerate(questions["question_id"])}  # stable across resumes
     for q in tqdm(todo, desc=f"{'+'.join(a.name for a in arms)} on {cfg.task.name}", unit="question"):
         answer_question(runner, arms, q, position[q["question_id"]])
+    summaries = {arm.name: run_summary(arm.cfg, arm.answers.records, task_order, sessions[arm.name], arm.proposer,
+                                       arm.run_dir, answered[arm.name]) for arm in arms}
     for arm in arms:
-        write_json(arm.run_dir / "summary.json",
-                   run_summary(arm.cfg, arm.answers.records, task_order, sessions[arm.name], arm.proposer,
-                               arm.run_dir, answered[arm.name]))
-    return report(out_dir, [arm.name for arm in arms],
-                  f"{cfg.model.name} on {cfg.task.name}, {cfg.max_new_tokens} new tokens, {env['device']} "
-                  f"{env['dtype']}, {env['threads']} threads")
-
-
-def report(out_dir: Path, names: list[str], caption: str) -> list[Path]:
-    """The per-task table (markdown + csv) and the speedup bar chart of the run dirs under ``out_dir``."""
-    from analysis import figures, load_summaries
-    from analysis.tables import compare_markdown, compare_table
-
-    table = compare_table(load_summaries([out_dir / name for name in names]), names)
-    markdown = compare_markdown(table)
-    paths = [out_dir / "compare.md", out_dir / "compare.csv"]
-    paths[0].write_text(f"{caption}\n\n{markdown}\n", encoding="utf-8")
-    table.to_csv(paths[1], index=False)
-    bars = table.rename(columns={"method": "label"}).assign(speedup_std=float("nan"))
-    paths += figures.speedup_bars(bars, out_dir, title=f"Speedup vs AR per task ({caption})")
-    print(f"\n{caption}\n{markdown}\n\ntable: {paths[0]}\n       {paths[1]}\nchart: {paths[2]}")
-    return paths
+        write_json(arm.run_dir / "summary.json", summaries[arm.name])
+    return compare_report(out_dir, summaries, f"{cfg.model.name} on {cfg.task.name}, {cfg.max_new_tokens} new tokens, "
+                                              f"{env['device']} {env['dtype']}, {env['threads']} threads")
 
 
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="compare")

@@ -23,21 +23,21 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from .acceptance import make_rule
-from .backends import backend_of, one_row_kernels, warm
-from .decode import Generation, Stopwatch, generate
-from .drafter import build_drafter
-from .errors import UserError
-from .models import default_cache_dir, load_model, resolve_device, resolve_dtype, vocab_size
-from .prompts import PromptBuilder, stop_ids
-from .proposer import MethodEnv, Proposer, build_proposer
-from .results import SCHEMA_VERSION, AnswerFile, answer_record, format_table, summarize, write_json
-from .settings import check_settings
-from .target import Target
-from .tracking import make_tracker
+from specdec import PROJECT_ROOT
+from specdec.verify.acceptance import make_rule
+from specdec.backends import backend_of, one_row_kernels
+from specdec.verify.decode import Generation, Stopwatch, generate
+from specdec.drafters import build_drafter
+from specdec.errors import UserError
+from specdec.models import default_cache_dir, load_model, resolve_device, resolve_dtype, vocab_size
+from specdec.running.prompts import PromptBuilder, stop_ids
+from specdec.verify.proposer import MethodEnv, Proposer, build_proposer
+from specdec.running.results import SCHEMA_VERSION, AnswerFile, answer_record, format_table, summarize, write_json
+from specdec.running.settings import check_settings
+from specdec.verify.target import Target, warm
+from specdec.running.tracking import make_tracker
 
 log = logging.getLogger(__name__)
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -73,12 +73,13 @@ class Runner:
 
     def build(self, cfg: DictConfig) -> Proposer:
         """The proposer of a run config -- its ``method`` with its own ``drafter`` -- on this run's target
-        (``specdec.compare`` builds one per compared method, each with the drafter its composition names)."""
+        (``specdec.running.compare`` builds one per compared method, each with the drafter its composition names)."""
         drafter_cfg = OmegaConf.to_container(cfg.drafter, resolve=True) if cfg.get("drafter") else None
         drafter = build_drafter(drafter_cfg, self.model, self.tokenizer, vocab_size(self.model), default_cache_dir())
         env = MethodEnv(vocab_size=vocab_size(self.model), device=self.device, tokenizer=self.tokenizer,
                         model=self.model, seed=int(cfg.seed), cache_dir=str(default_cache_dir()), drafter=drafter,
-                        temperature=float(cfg.temperature), top_k=int(cfg.top_k), top_p=float(cfg.top_p))
+                        temperature=float(cfg.temperature), top_k=int(cfg.top_k), top_p=float(cfg.top_p),
+                        auto_budget=OmegaConf.to_container(cfg.auto_budget, resolve=True) if cfg.get("auto_budget") else None)
         return build_proposer(OmegaConf.to_container(cfg.method, resolve=True), env)
 
     def check_fits(self, question: dict, prompt_ids: list[int]) -> None:
@@ -154,7 +155,7 @@ def environment(runner: Runner) -> dict:
 
 # What a run dir's answers depend on: every session of one run dir must agree on these. How a session
 # runs (device, back end, threads, logger) may differ and is recorded in its ``env`` instead.
-RESULT_KEYS = ("model", "method", "drafter", "task", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
+RESULT_KEYS = ("model", "method", "drafter", "auto_budget", "task", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
                "dtype", "baseline", "warmup", "warmup_keeps_state")
 
 
@@ -175,9 +176,10 @@ def record_session(path: Path, env: dict, questions_done: int, cfg: DictConfig) 
     sessions = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
                 if line.strip()] if path.exists() else []
     for old in sessions:
-        if "identity" in old and old["identity"] != identity:
+        # a setting added to RESULT_KEYS after a run started is not in its old sessions: compare the shared ones
+        keys = sorted(k for k in set(identity) & set(old.get("identity", {})) if identity[k] != old["identity"][k])
+        if keys:
             OmegaConf.save(OmegaConf.create(sessions[-1]["config"]), path.parent / ".hydra" / "config.yaml")
-            keys = sorted(k for k in {*identity, *old["identity"]} if identity.get(k) != old["identity"].get(k))
             raise UserError(f"{path.parent} holds a run with other settings ({', '.join(keys)} differ; its method is "
                             f"{old['identity'].get('method', {}).get('name')!r}): resume it with the same settings "
                             f"or write to a new hydra.run.dir / hydra.sweep.dir")

@@ -1,11 +1,11 @@
-"""The EAGLE drafter: an EAGLE head (``specdec.heads.EagleHead``) autoregressing on the target's features
+"""The EAGLE drafter: an EAGLE head (``specdec.drafters.heads.EagleHead``) autoregressing on the target's features
 (Li et al. 2024, EAGLE / EAGLE-2; docs/dynamic_trees.md §1, §5b).
 
     python run.py method=eagle2 drafter=eagle           # conf/drafter/eagle.yaml: the head trained here
 
 Head row j reads the pair (f_j, x_{j+1}) -- the target's last hidden state (after its final norm) at
 position j and the embedding of the next token -- at position j, and predicts f_{j+1}; the target's
-frozen LM head turns a predicted feature into draft logits (as ``specdec.train`` trains it).
+frozen LM head turns a predicted feature into draft logits (as ``specdec.training.train`` trains it).
 
 Rows of committed tokens are *stable*: they use the target's true features, which the decode loop
 hands over in ``Context.hidden`` (the target keeps its final norm's output when a proposer sets
@@ -14,7 +14,7 @@ parent node. After a step, the tree rows are dropped and the newly committed tok
 the target's features (EAGLE's released code does the same), so row j always holds the true (f_j,
 x_{j+1}); the root's row of the last step is already stable (its feature was the target's).
 
-API as every drafter (specdec/drafter.py) plus the features: ``begin(tokens, hidden)``,
+API as every drafter (specdec/drafters/base.py) plus the features: ``begin(tokens, hidden)``,
 ``follow(tokens, hidden) -> root logits [V]``, ``expand(tokens, parents) -> logits [n, V]``.
 """
 
@@ -26,9 +26,10 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
-from .drafter import Drafter
-from .errors import UserError
-from .layers import attention_mask, causal_ancestors, keep_rows
+from specdec import PROJECT_ROOT
+from specdec.drafters.base import Drafter
+from specdec.errors import UserError
+from specdec.verify.layers import attention_mask, causal_ancestors, keep_rows
 
 
 class EagleDrafter(Drafter):
@@ -97,12 +98,12 @@ class EagleDrafter(Drafter):
 
 
 def build_eagle_drafter(cfg: dict, model, vocab_size: int) -> EagleDrafter:
-    """``conf/drafter/eagle.yaml``: the head checkpoint (``specdec.heads.save_head`` format) around ``model``."""
-    from .heads import head_file, load_head
+    """``conf/drafter/eagle.yaml``: the head checkpoint (``specdec.drafters.heads.save_head`` format) around ``model``."""
+    from specdec.drafters.heads import head_file, load_head
 
     if not cfg.get("head"):
-        raise UserError("drafter=eagle needs drafter.head=<checkpoint .safetensors> (train one: python -m specdec.train head=eagle)")
+        raise UserError("drafter=eagle needs drafter.head=<checkpoint .safetensors> (train one: python -m specdec.training head=eagle)")
     path = Path(cfg["head"])
     if not path.is_absolute() and not head_file(path, ".json").is_file():  # repo-relative, run from anywhere
-        path = Path(__file__).resolve().parent.parent / path
+        path = PROJECT_ROOT / path
     return EagleDrafter(model, load_head(path, model), vocab_size)

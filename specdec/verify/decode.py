@@ -22,8 +22,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .proposer import Context, Proposer, StepResult
-from .target import Target
+from specdec.verify.proposer import Context, Proposer, StepResult
+from specdec.verify.target import Target
 
 
 class Mark(NamedTuple):
@@ -39,7 +39,7 @@ class Stopwatch:
         self.cuda = self.device.type == "cuda"
 
     def __call__(self) -> float:
-        """A synchronised wall-clock reading (for callers timing a whole call, e.g. ``specdec.bench``)."""
+        """A synchronised wall-clock reading (for callers timing a whole call, e.g. ``specdec.measure.bench``)."""
         self.sync()
         return time.perf_counter()
 

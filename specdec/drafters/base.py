@@ -28,8 +28,8 @@ from typing import Optional, Sequence
 import torch
 from transformers import DynamicCache
 
-from .errors import UserError
-from .layers import LayerRunner, attention_mask, causal_ancestors, keep_rows
+from specdec.errors import UserError
+from specdec.verify.layers import LayerRunner, attention_mask, causal_ancestors, keep_rows
 
 
 class Drafter(ABC):
@@ -95,7 +95,7 @@ class Drafter(ABC):
     @torch.inference_mode()
     def teacher_forced(self, tokens: Sequence[int]) -> torch.Tensor:
         """Raw draft logits float32 [n, V] after each of ``tokens`` in one forward from an empty cache: q along
-        a known text (``specdec.token_acceptance``). Ends any generation in progress (the cache is reset)."""
+        a known text (``analysis.token_acceptance``). Ends any generation in progress (the cache is reset)."""
         if self.wants_hidden:
             raise UserError(f"drafter {self.kind!r} reads the target's features: teacher forcing it is not wired")
         self._reset()
@@ -226,46 +226,3 @@ class EarlyExitDrafter(Drafter):
         if last_only:
             return hidden[0, -1:]  # the caller discards the output: skip the norm and the LM head
         return self.runner.lm_head(hidden if self.head is not None else self.runner.norm(hidden))[0]
-
-
-def build_drafter(cfg: Optional[dict], model, tokenizer, vocab_size: int, cache_dir=None) -> Optional[Drafter]:
-    """The drafter named by ``cfg['kind']`` (``none`` | ``hf`` | ``early_exit``), around the target ``model``."""
-    kind = (cfg or {}).get("kind", "none")
-    if kind == "none":
-        return None
-    if kind == "early_exit":
-        head = None
-        if cfg.get("adapter"):
-            from .heads import load_head
-
-            head = load_head(cfg["adapter"], model)
-            if cfg.get("exit_layer") not in (None, head.exit_layer):
-                raise UserError(f"drafter exit_layer={cfg['exit_layer']} but adapter {cfg['adapter']} was trained "
-                                f"for exit layer {head.exit_layer}")
-        exit_layer = head.exit_layer if head is not None else cfg.get("exit_layer")
-        if exit_layer is None:
-            raise UserError("drafter=early_exit needs exit_layer (or an adapter that names one)")
-        return EarlyExitDrafter(model, int(exit_layer), vocab_size, head)
-    if kind == "hf":
-        from .models import load_model
-
-        if not cfg.get("path"):
-            raise UserError("drafter=hf needs drafter.path=<hub id or local dir>")
-        draft_model, draft_tok = load_model(cfg["path"], model.device, model.dtype, "sdpa", cache_dir)
-        if draft_tok.get_vocab() != tokenizer.get_vocab():
-            raise UserError(f"drafter {cfg['path']!r} does not share the target's tokenizer (vocabularies differ: "
-                            f"{len(draft_tok)} vs {len(tokenizer)} tokens); pick a drafter of the same family")
-        return HFDrafter(draft_model, vocab_size)
-    if kind == "eagle":  # an EAGLE head on the target's features (specdec/eagle.py)
-        from .eagle import build_eagle_drafter
-
-        return build_eagle_drafter(cfg, model, vocab_size)
-    raise UserError(f"unknown drafter kind {kind!r}; use none, hf, early_exit or eagle")
-
-
-def require_drafter(env, method: str) -> Drafter:
-    """The drafter from ``env`` or one clear error naming the config to add."""
-    if getattr(env, "drafter", None) is None:
-        raise UserError(f"method {method!r} drafts with a draft model: add drafter=early_exit (self-draft from the "
-                        f"target's first layers) or drafter=hf drafter.path=<model sharing the tokenizer>")
-    return env.drafter

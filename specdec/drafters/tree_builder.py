@@ -30,15 +30,16 @@ from typing import Optional, Sequence
 
 import torch
 
-from .errors import UserError
-from .tree import DETERMINISTIC, DraftTree
+from specdec.errors import UserError
+from specdec.verify.profile import Profile
+from specdec.verify.tree import DETERMINISTIC, DraftTree
 
 
 @dataclass
 class Pool:
     """Candidate nodes of one step; node 0 is the root (the last committed token)."""
 
-    drafter: object                                         # specdec.drafter.Drafter (follow() already called)
+    drafter: object                                         # specdec.drafters.Drafter (follow() already called)
     tokens: list[int] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)
     depth: list[int] = field(default_factory=list)
@@ -147,7 +148,7 @@ def run_settings(device, model=None) -> dict:
     """This run's values of the latency profile's ``PROFILE_FIELDS``, those that can be known: the device type;
     torch's intra-op threads on CPU only (a GPU forward does not depend on them); with the target ``model``
     its dtype, back end (``specdec.backends.backend_of``) and name (``config.name_or_path``, if set)."""
-    from .backends import backend_of
+    from specdec.backends import backend_of
 
     device = torch.device(device)
     out: dict = {"device": device.type}
@@ -204,8 +205,6 @@ class AutoBudget:
         if not path.is_file():
             raise UserError(f"budget=auto needs a latency profile: {path} not found; measure one with "
                             f"`python -m analysis.latency profile --out {path}`")
-        from analysis.latency import Profile
-
         self.profile = Profile.load(path)
         diffs = profile_mismatch(self.profile.meta, run or {})
         if diffs:

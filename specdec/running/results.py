@@ -11,7 +11,7 @@ Aggregates, per task and ``overall``:
   draft_share           Σ draft time / Σ wall time
   proposer_share        Σ (draft + update) time / Σ step time (prefill excluded): the method's own cost
   proposer_ms_mean      host milliseconds of propose + observe per verify step, pooled over all steps, minus the
-  proposer_ms_p95       work a method attributes to the device (``specdec.decode.device_work``); and its 95th
+  proposer_ms_p95       work a method attributes to the device (``specdec.verify.decode.device_work``); and its 95th
                         percentile. Records written before the per-step lists existed: the mean from the
                         per-turn sums, p95 None
   device_ms_mean        milliseconds per step of that device work (Token Recycling's top-k), None before
@@ -35,7 +35,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from .decode import Generation
+from specdec.verify.decode import Generation
 
 SCHEMA_VERSION = 1
 def turn_figures(gens: list[Generation]) -> dict:

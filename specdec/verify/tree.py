@@ -46,7 +46,7 @@ class DraftTree:
     multiplicity: Optional[torch.Tensor] = None  # int64 [T]
     # Method-specific payload handed back in ``StepResult`` (e.g. template ranks); never read by the core.
     meta: object = field(default=None, repr=False)
-    # Partial-depth verification (Kangaroo; docs/verifier.md §10): a ``specdec.target.ShallowStates`` holding the
+    # Partial-depth verification (Kangaroo; docs/verifier.md §10): a ``specdec.verify.target.ShallowStates`` holding the
     # nodes' states entering layer ℓ, computed while drafting; ``Target.score`` then runs layers [ℓ, L) only.
     shallow: object = field(default=None, repr=False)
 

