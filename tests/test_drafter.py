@@ -152,8 +152,8 @@ def target_joint3(model, prompt, V):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param(m, marks=pytest.mark.full) if m in ("specinfer", "rsd_c") else m
-                                  for m in METHODS])  # make test: one method per acceptance rule
+@pytest.mark.parametrize("name", [m if m == "sps" else pytest.param(m, marks=pytest.mark.full)
+                                  for m in METHODS])  # make test: sps; every rule has its own test in test_multidraft
 def test_first_three_tokens_follow_the_target(name):
     V, trials = 3, 2000  # 27 joint outcomes: the expected TV at this count is ~0.05
     target = tiny_llama(vocab=V, layers=2, seed=1)

@@ -92,7 +92,7 @@ class ForwardCounter:
         del self.model.forward  # back to the class method
 
 
-@pytest.mark.parametrize("task", ["translation", "summarization"])
+@pytest.mark.parametrize("task", [pytest.param("translation", marks=pytest.mark.full), "summarization"])
 def test_same_output_and_forwards_as_transformers_prompt_lookup(task, smollm2, task_prompts):
     """Our pld vs ``generate(prompt_lookup_num_tokens=10, max_matching_ngram_size=3, do_sample=False)``.
 
