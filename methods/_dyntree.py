@@ -53,7 +53,7 @@ class DynamicTreeProposer(DraftModelProposer, ABC):
         self.drafts = None if self.auto else budget - root     # N draft nodes kept per tree (root excluded)
         self.clock = Stopwatch(env.device)
         self._draft_seconds = 0.0
-        self._zero_stats()
+        self.reset_stats()
 
     @property
     def label(self) -> str:
@@ -104,9 +104,6 @@ class DynamicTreeProposer(DraftModelProposer, ABC):
 
     def reset_stats(self) -> None:
         super().reset_stats()
-        self._zero_stats()
-
-    def _zero_stats(self) -> None:
         self.calib_nodes = [0] * CALIBRATION_BINS
         self.calib_accepted = [0] * CALIBRATION_BINS
         self.steps = self.tokens_per_verify = self.pool_nodes = 0

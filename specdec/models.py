@@ -101,15 +101,20 @@ def cached_embedded_copy(spec: str, cache_dir: Path) -> Path:
     return out
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+def host_reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``url``'s host opens within ``timeout`` seconds (no request is sent)."""
+    parsed = urlparse(url)
     try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout).close()
         return True
     except OSError:
         return False
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    return host_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout)
 
 
 def resolve_source(path: str, cache_dir: Path) -> tuple[str, dict]:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from specdec import PROJECT_ROOT
 from specdec.running.prompts import PromptBuilder
 from specdec.running.results import write_json
+from specdec.running.runner import rotated
 from specdec.verify.acceptance import Greedy
 from specdec.verify.decode import Generation, Stopwatch, generate
 
@@ -37,12 +38,6 @@ def task_prompts(tokenizer, per_category: int = 1) -> list[list[int]]:
     """Turn-1 prompt ids (chat template applied) of ``task_turns``: the six prompts every benchmark uses."""
     builder = PromptBuilder(tokenizer)
     return [builder.ids(turns, []) for turns in task_turns(per_category)]
-
-
-def rotated(names: list[str], i: int) -> list[str]:
-    """The order of run ``i``: ``names`` rotated by ``i`` (two names alternate which goes first)."""
-    shift = i % len(names)
-    return names[shift:] + names[:shift]
 
 
 def interleave(systems: dict[str, Callable], prompts: list, rounds: int, desc: str) -> list[dict]:

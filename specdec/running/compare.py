@@ -34,7 +34,7 @@ from specdec.errors import UserError, run_in_output_dir
 from specdec.running.report import compare_report
 from specdec.running.results import AnswerFile, answer_record, write_json
 from specdec.running.runner import (Answer, Runner, environment, model_id, record_session, run_summary,
-                                    task_questions, warmup_question)
+                                    rotated, task_questions, warmup_question)
 from specdec.verify.proposer import Proposer
 
 log = logging.getLogger(__name__)
@@ -128,8 +128,7 @@ def warm_up(runner: Runner, arms: list[Arm], question: dict) -> None:
 def answer_question(runner: Runner, arms: list[Arm], question: dict, index: int) -> None:
     """AR and every arm still missing ``question``, in the order rotated by ``index``; append the records."""
     seed = int(runner.cfg.seed) + index
-    shift = index % len(arms)
-    order = arms[shift:] + arms[:shift]
+    order = rotated(arms, index)
     results: dict[str, Answer] = {}
     for arm in order:
         if arm.name == BASELINE or question["question_id"] not in arm.answers.done:

@@ -74,12 +74,14 @@ class Runner:
     def build(self, cfg: DictConfig) -> Proposer:
         """The proposer of a run config -- its ``method`` with its own ``drafter`` -- on this run's target
         (``specdec.running.compare`` builds one per compared method, each with the drafter its composition names)."""
-        drafter_cfg = OmegaConf.to_container(cfg.drafter, resolve=True) if cfg.get("drafter") else None
-        drafter = build_drafter(drafter_cfg, self.model, self.tokenizer, vocab_size(self.model), default_cache_dir())
+        def plain(key):  # a config group as a dict (None if absent)
+            return OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) else None
+
+        drafter = build_drafter(plain("drafter"), self.model, self.tokenizer, vocab_size(self.model), default_cache_dir())
         env = MethodEnv(vocab_size=vocab_size(self.model), device=self.device, tokenizer=self.tokenizer,
                         model=self.model, seed=int(cfg.seed), cache_dir=str(default_cache_dir()), drafter=drafter,
                         temperature=float(cfg.temperature), top_k=int(cfg.top_k), top_p=float(cfg.top_p),
-                        auto_budget=OmegaConf.to_container(cfg.auto_budget, resolve=True) if cfg.get("auto_budget") else None)
+                        auto_budget=plain("auto_budget"))
         return build_proposer(OmegaConf.to_container(cfg.method, resolve=True), env)
 
     def check_fits(self, question: dict, prompt_ids: list[int]) -> None:
@@ -128,6 +130,13 @@ class Runner:
                 self.answer(question, proposer, seed=-1 - i)
         if not self.cfg.warmup_keeps_state:
             self.proposer.reset("run")
+
+
+def rotated(items: list, i: int) -> list:
+    """The order of run ``i``: ``items`` rotated by ``i`` (two items alternate which goes first), so machine
+    drift hits every side-by-side system alike."""
+    shift = i % len(items)
+    return items[shift:] + items[:shift]
 
 
 def model_id(cfg: DictConfig, dtype: torch.dtype) -> str:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
+
+from specdec.models import host_reachable
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +74,7 @@ class WandbTracker(Tracker):
 
 
 def wandb_reachable(timeout: float = 3.0) -> bool:
-    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    return host_reachable(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"), timeout)
 
 
 def make_tracker(logger_cfg, run_dir: Path, config: dict) -> Tracker:
