@@ -66,10 +66,30 @@ train-kangaroo-layers: install  ## adapters for exit layers 1 and 4 (the l sweep
 train-eagle: install  ## train SmolLM2's EAGLE head on the same cached teacher states (~35 min on 1 core) -> specdec/assets/eagle-smollm2-135m.*
 	OMP_NUM_THREADS=1 $(PY) -m specdec.training head=eagle model=smollm2-135m epochs=3 lr=1e-3 warmup=40 eval_every=50
 
+# Medusa-1 / Hydra heads for SmolLM2 (issue 22) on the same cached teacher states; measured 2026-12-03 on the shared
+# machine (1 thread): ~4.6 s per Medusa step and ~2.9 s per Hydra step of a 300-token conversation, ~3.6 / 2.3 s per
+# held-out conversation per evaluation. Medusa: 4 heads (Spec-Bench runs 4) on the target's LM head (`lm_head=shared`,
+# 2.7 MB; own projections would be 57 MB each), lr 1e-3 and a 10 % warm-up as Medusa-1's scripts/train_vicuna_7b.sh.
+# Hydra: the 10 MB limit leaves room for 2 plain grounded heads (arch mlp, 8.2 MB; Hydra++'s prefix layer would add
+# 7.1 MB), 4 tied layers, dropout 0.2 as the Hydra++ README; lr 1e-3 (the release's 5e-4 is for 10 epochs on 8 GPUs).
+.PHONY: train-medusa train-hydra
+train-medusa: install  ## train SmolLM2's Medusa-1 heads (4 heads, shared LM head; ~75 min on 1 core) -> specdec/assets/medusa-smollm2-135m.*
+	OMP_NUM_THREADS=1 $(PY) -m specdec.training head=medusa model=smollm2-135m num_heads=4 lm_head=shared epochs=2 lr=1e-3 warmup=80 eval_every=200
+
+train-hydra: install  ## train SmolLM2's Hydra heads (2 grounded MLP heads, shared LM head; ~70 min on 1 core) -> specdec/assets/hydra-smollm2-135m.*
+	OMP_NUM_THREADS=1 $(PY) -m specdec.training head=hydra model=smollm2-135m num_heads=2 hydra_arch=mlp head_layers=4 lm_head=shared dropout=0.2 epochs=3 lr=1e-3 warmup=100 eval_every=200
+
 .PHONY: bench-backends
 bench-backends: install  ## target back ends side by side (compile: ~6 min of compiling first): onednn latency profile, t(N)/t(1), AR vs generate -> runs/bench/backends.json
 	$(PY) -m analysis.latency profile --backend onednn --threads $(BENCH_THREADS) --out runs/latency/cpu-smollm2-fp32-onednn-t$(BENCH_THREADS).json
 	$(PY) -m specdec.measure.backends --threads $(BENCH_THREADS) --variants eager/float32,onednn/float32,compile/float32,eager/bfloat16 --max-new-tokens 64 --rounds 2
+
+# issue 21 item 7: the harness's own cost per step beside a target as fast as a 7B model on an A100 relative to the
+# host (a random 3-layer Llama, ~1.5-2 ms per step on one CPU thread; specdec/measure/overhead.py says its sizes).
+# One torch thread: the host work measured is single-threaded Python. Run it alone on the machine.
+.PHONY: bench-overhead
+bench-overhead: install  ## AR vs generate on a ~2 ms random target (goal >= 0.95x) + every method's host ms and syncs per step -> runs/bench/overhead.json
+	$(PY) -m specdec.measure.overhead --threads 1 --max-new-tokens 64 --rounds 2
 
 .PHONY: bench-peers
 bench-peers: install  ## llama.cpp plain + prompt lookup on the same GGUF beside our AR + pld (needs .[peers]) -> runs/bench/peers.json
@@ -143,8 +163,59 @@ bench-multidraft: install  ## MAT vs K in {1,2,4,8} and L in {2,4}: sps, specinf
 	$(MD) method=rsd 'method.branching=[1,1],[2,1],[4,1],[8,1]' hydra.sweep.dir=runs/bench/multidraft/rsd_L2
 	$(MD) method=rsd 'method.branching=[1,1,1,1],[2,1,1,1],[4,1,1,1],[8,1,1,1]' hydra.sweep.dir=runs/bench/multidraft/rsd_L4
 
+# On a CUDA machine, with no network: the .venv's python if there is one, else the image's (a stock CUDA image with
+# torch + transformers runs it with the repository alone: docs/gpu_check.md). No `install` step: nothing is downloaded.
+GPU_CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+.PHONY: gpu-check
+gpu-check:  ## on one GPU (<= 8 min, no network): tree/path logits per SDPA kernel, compaction, every method = AR, drafters, syncs, speed, memory on random Vicuna-shaped fp16 models -> runs/gpu_check/report.json
+	$(GPU_CHECK_PY) -m specdec.measure.gpu_check --device cuda --out runs/gpu_check/report.json
+
+.PHONY: datastore
+datastore: install  ## REST's ShareGPT datastore for the default model (suffix array; ~70 s, cached in ~/.cache/specdec/rest/)
+	$(PY) -m methods.rest build
+
 figures: install  ## every table and figure from the run dirs under runs/ -> runs/figures/
 	$(PY) -m analysis runs --out runs/figures
 
 clean:  ## remove caches (not runs/)
 	rm -rf .pytest_cache **/__pycache__
+
+# Paper tables (issue 22, analysis/paper.py): Token Recycling's Table 1 and Spec-Bench's A100 leaderboard, each measured
+# row beside the paper's reported Vicuna row. MODEL= picks the target; on SmolLM2 (CPU) the methods default to their
+# CPU-sized configs, on any other model to the released ones (GPU: `make paper-tr MODEL=vicuna-7b QUICK=`, released
+# heads, SpS with vicuna-68m). METHODS=a,b,c replaces the list (AR always runs); PAPER_ARGS= adds overrides (threads=1).
+# LADE is `lade_cpu` / `lade` once its config exists, else left out. The quick slice (QUICK above: the first question
+# of each Spec-Bench task, 64 new tokens per turn; MBPP: the first PAPER_MBPP_N prompts at the same cap) goes to
+# runs/paper/<model>/quick-.../, QUICK= (all 480 questions + 399 MBPP prompts, 1024 tokens) to runs/paper/<model>/full/.
+# Both targets share one Spec-Bench comparison dir: the second resumes it and runs only its own methods (+ AR).
+# Time estimate of the quick slice on SmolLM2 from the 1-thread tokens/s in docs/results.md (AR 8.0, pld 9.6, recycle_cpu
+# 7.3, lookahead_cpu 8.2 standing in for lade_cpu, recycle's 81-token tree 3.3; REST's 64-token trees ~4, medusa_cpu /
+# hydra_cpu ~6, eagle2 ~2.7, sps ~4.6 guessed from the quick-slice speedups there): per compared method ~450 timed
+# tokens + 3 warm-ups of 128 on Spec-Bench, (32 + 3) x 64 on MBPP. paper-tr: ~13 min Spec-Bench + ~34 min MBPP + model
+# loads and REST's datastore (first run ~70 s) = ~50 min on 2 cores; paper-spec-bench: ~25 min alone, ~12 after paper-tr.
+MODEL ?= smollm2-135m
+PAPER_MBPP_N ?= 32
+PAPER_ARGS ?=
+PAPER_COMMA := ,
+PAPER_EMPTY :=
+PAPER_SPACE := $(PAPER_EMPTY) $(PAPER_EMPTY)
+PAPER_CPU = $(filter smollm2%,$(MODEL))
+PAPER_LADE = $(firstword $(patsubst conf/method/%.yaml,%,$(wildcard $(if $(PAPER_CPU),conf/method/lade_cpu.yaml) conf/method/lade.yaml)))
+PAPER_TR_DEFAULT = $(PAPER_LADE) pld rest $(if $(PAPER_CPU),medusa_cpu recycle_cpu,medusa recycle)
+PAPER_SB_DEFAULT = $(if $(PAPER_CPU),eagle2 recycle_cpu hydra_cpu medusa_cpu,eagle2 recycle hydra medusa) pld sps rest $(PAPER_LADE)
+paper_list = $(subst $(PAPER_SPACE),$(PAPER_COMMA),$(strip $(if $(METHODS),$(subst $(PAPER_COMMA), ,$(METHODS)),$(1))))
+PAPER_TAG = $(if $(strip $(QUICK)),quick-$(subst =,-,$(subst task.,,$(subst $(PAPER_SPACE),_,$(strip $(QUICK))))),full)
+PAPER_DIR = runs/paper/$(MODEL)/$(PAPER_TAG)
+PAPER_MBPP_DIR = $(PAPER_DIR)/mbpp$(if $(strip $(QUICK)),-first$(PAPER_MBPP_N))
+PAPER_MBPP_SLICE = $(if $(strip $(QUICK)),task.per_category=$(PAPER_MBPP_N) $(filter max_new_tokens=%,$(QUICK)))
+PAPER_COMPARE = $(PY) -m specdec.running.compare model=$(MODEL) $(PAPER_ARGS)
+
+.PHONY: paper-tr paper-spec-bench
+paper-tr: install  ## TR's Table 1 (AR, LADE, PLD, REST, Medusa, TR on Spec-Bench + MBPP) beside its reported Vicuna-7B rows; quick slice ~50 min on 2 cores -> runs/paper/<model>/<slice>/tr/
+	$(PAPER_COMPARE) 'methods=[$(call paper_list,$(PAPER_TR_DEFAULT))]' task=spec_bench $(QUICK) hydra.run.dir=$(PAPER_DIR)/spec_bench
+	$(PAPER_COMPARE) 'methods=[$(call paper_list,$(PAPER_TR_DEFAULT))]' task=mbpp $(PAPER_MBPP_SLICE) hydra.run.dir=$(PAPER_MBPP_DIR)
+	$(PY) -m analysis.paper tr --spec-bench $(PAPER_DIR)/spec_bench --mbpp $(PAPER_MBPP_DIR) --methods $(call paper_list,$(PAPER_TR_DEFAULT)) --out $(PAPER_DIR)/tr
+
+paper-spec-bench: install  ## Spec-Bench's leaderboard (every row the harness has) beside its reported A100 Vicuna-7B rows; quick slice ~25 min on 2 cores -> runs/paper/<model>/<slice>/spec_bench_leaderboard/
+	$(PAPER_COMPARE) 'methods=[$(call paper_list,$(PAPER_SB_DEFAULT))]' task=spec_bench $(QUICK) hydra.run.dir=$(PAPER_DIR)/spec_bench
+	$(PY) -m analysis.paper spec-bench --runs $(PAPER_DIR)/spec_bench --methods $(call paper_list,$(PAPER_SB_DEFAULT)) --out $(PAPER_DIR)/spec_bench_leaderboard

@@ -15,7 +15,7 @@ own ``Target.score``, cache cropped back after every call, median of repeats):
 
     python -m analysis.latency profile --threads 1 --out runs/latency/cpu-smollm2-135m.json
     python -m analysis.latency profile --model HuggingFaceTB/SmolLM2-135M-Instruct --device cuda \
-        --dtype float16 --out runs/latency/a100-smollm2-135m.json
+        --out runs/latency/a100-smollm2-135m.json       # dtype auto: float16 on CUDA, float32 on CPU
 
 Every profile records its back end (``--backend``, specdec/backends.py) and the memory roofline: the
 bytes of weights one forward reads / the read bandwidth measured right before (a torch sum over 256 MB
@@ -214,9 +214,10 @@ def _device_name(device) -> str:
 
 
 def measure_profile(model_path: str = EMBEDDED, context: int = 256, ns: Iterable[int] = DEFAULT_NS,
-                    device: str = "cpu", dtype: str = "float32", threads: int | None = 1, repeats: int = 9,
+                    device: str = "cpu", dtype: str = "auto", threads: int | None = 1, repeats: int = 9,
                     warmup: int = 2, attn_implementation: str = "sdpa", backend: str = "eager") -> dict:
-    """Median latency of ``Target.score`` (the verify forward, tree mask included) per N, on ``backend``,
+    """Median latency of ``Target.score`` (the verify forward, tree mask included) per N, on ``backend``, in
+    ``dtype`` (``auto``: float16 on CUDA as Spec-Bench's runs, float32 on CPU; ``specdec.models.resolve_dtype``),
     with the roofline (weight bytes / read bandwidth measured just before the timed calls). ``threads`` holds
     only for this call (the caller's thread count is restored)."""
     from specdec.models import torch_threads
@@ -294,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prof.add_argument("--max-n", type=int, default=128, help="largest number of new tokens per forward")
     prof.add_argument("--ns", type=int, nargs="*", default=None, help="explicit N values (overrides the default grid)")
     prof.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto")
-    prof.add_argument("--dtype", default="float32", help="float32, bfloat16, float16, auto")
+    prof.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, float32 on CPU), float32, bfloat16, float16")
     prof.add_argument("--backend", default="eager", help="eager, onednn, compile, auto (specdec/backends.py)")
     prof.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch's default)")
     prof.add_argument("--repeats", type=int, default=9, help="timed calls per N (median reported)")

@@ -20,7 +20,8 @@ Columns (``df.attrs["knobs"]`` lists the ``method.*`` knob columns):
   ``warmup_keeps_state``, ``torch``, ``transformers``, ``git_commit``, ``complete`` (summary.json written, i.e.
   the run finished);
 * question: ``task`` (one of Spec-Bench's 6), ``category``, ``question_id``, ``turn`` (0-based),
-  ``n_turns``, ``order``, ``lossless`` (bool per question, NaN without a paired greedy baseline),
+  ``n_turns``, ``order``, ``lossless`` (bool per question: ids identical to the paired greedy baseline; NaN
+  without one), ``near_tie`` (not identical, first divergence at a near-tied top-2; specdec.running.runner),
   ``tstamp``;
 * figures of this turn: ``new_tokens``, ``wall_time``, ``decoding_steps``, ``prefill_time``,
   ``draft_time``, ``verify_time``, ``commit_time``, ``update_time``, ``stop_reason``, ``accept_lengths`` and
@@ -49,7 +50,7 @@ from specdec.running.report import summary_rows
 log = logging.getLogger(__name__)
 
 TURN_FIELDS = ("new_tokens", "wall_time", "decoding_steps", "prefill_time", "draft_time", "verify_time",
-               "commit_time", "update_time", "stop_reason", "output_ids")
+               "commit_time", "update_time", "stop_reason", "output_ids", "prompt_tokens", "past_context")
 BASELINE_FIELDS = ("new_tokens", "wall_time", "decoding_steps", "prefill_time", "verify_time", "stop_reason",
                    "output_ids")
 # What makes two runs "the same setting" (repeats of one configuration); method knobs are added.
@@ -196,6 +197,7 @@ def _rows(run_dir: Path, info: dict) -> list[dict]:
             row.update({"task": rec.get("task"), "category": rec.get("category"), "question_id": rec["question_id"],
                         "turn": turn, "n_turns": n_turns, "order": rec.get("order"), "tstamp": rec.get("tstamp"),
                         "lossless": lossless["identical"] if lossless else math.nan,
+                        "near_tie": bool(lossless.get("near_tie")) if lossless else math.nan,
                         "accept_lengths": accepts[turn], "tree_sizes": sizes[turn],
                         "proposer_times": proposer[turn], "device_times": device[turn]})
             row.update({f: (choice[f][turn] if f in choice else math.nan) for f in TURN_FIELDS})

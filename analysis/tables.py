@@ -56,6 +56,8 @@ def question_stats(df: pd.DataFrame) -> pd.DataFrame:
     q = turns.groupby(keys, sort=False)[sums].sum(min_count=1)
     q["category"] = turns.groupby(keys, sort=False)["category"].first()
     q["lossless"] = turns.groupby(keys, sort=False)["lossless"].first()
+    if "near_tie" in turns:
+        q["near_tie"] = turns.groupby(keys, sort=False)["near_tie"].first()
     q["output_ids"] = turns.groupby(keys, sort=False)["ids"].agg(list)
     for col in ("host_steps", "device_steps"):  # None when a turn of the question has no per-step list
         q[col] = turns.groupby(keys, sort=False)[col].agg(lambda v: None if any(x is None for x in v) else sum(v, []))
@@ -110,6 +112,7 @@ def _task_figures(q: pd.DataFrame) -> dict:
         "draft_ms_per_step": 1000 * q["draft_time"].sum() / steps if steps else math.nan,
         "mean_tree_size": q["tree_tokens"].sum() / q["tree_steps"].sum() if q["tree_steps"].sum() else math.nan,
         "lossless": lossless.mean() if lossless.notna().any() else math.nan,
+        "near_tie": q["near_tie"].astype(float).mean() if "near_tie" in q and q["near_tie"].notna().any() else math.nan,
         **_proposer_ms(q, steps),
     }
 

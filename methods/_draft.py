@@ -55,17 +55,18 @@ class DraftModelProposer(Proposer):
         return max(0, min(length, ctx.remaining - 1))
 
     def tree(self, tokens: list[int], parents: list[int], kind: str, q_rows: dict[int, torch.Tensor],
-             multiplicity: list[int] | None = None) -> DraftTree:
-        """A DraftTree with q at the nodes that have children (zero rows elsewhere); ``kind`` only under sampling."""
-        device = self.env.device
+             multiplicity: list[int] | None = None, shallow=None) -> DraftTree:
+        """A DraftTree with q at the nodes that have children (zero rows elsewhere); ``kind`` only under sampling.
+        Tokens and parents go to the device in one copy (``DraftTree.from_lists``); q and the multiplicities stay
+        on the host, where the sampling rules read them. ``shallow``: Kangaroo's partial-depth states."""
         draft_probs = None
         if not self.greedy:
             draft_probs = torch.zeros(len(tokens), self.env.vocab_size)
             for node, q in q_rows.items():
                 draft_probs[node] = q
-        return DraftTree(torch.tensor(tokens, device=device), torch.tensor(parents, device=device),
-                         kind=DETERMINISTIC if self.greedy else kind, draft_probs=draft_probs,
-                         multiplicity=None if multiplicity is None or self.greedy else torch.tensor(multiplicity))
+        host_multiplicity = None if multiplicity is None or self.greedy else torch.tensor(multiplicity)
+        return DraftTree.from_lists(tokens, parents, self.env.device, kind=DETERMINISTIC if self.greedy else kind,
+                                    draft_probs=draft_probs, multiplicity=host_multiplicity, shallow=shallow)
 
     def stats(self) -> dict:
         return self.drafter.stats()

@@ -21,7 +21,7 @@ import torch
 from methods._draft import DraftModelProposer
 from specdec.verify.decode import Stopwatch
 from specdec.errors import SettingError, UserError
-from specdec.verify.proposer import Context, MethodEnv, StepResult
+from specdec.verify.proposer import Context, MethodEnv, StepResult, sizes_up_to
 from specdec.verify.tree import DETERMINISTIC, DraftTree
 from specdec.drafters.tree_builder import AutoBudget, Pool, run_settings, select
 
@@ -110,6 +110,11 @@ class DynamicTreeProposer(DraftModelProposer, ABC):
         self.proposer_seconds = 0.0
         if self.auto:
             self.auto.reset_stats()
+
+    def tree_sizes(self) -> tuple[int, ...]:
+        if self.auto:  # the budget is picked per step, up to max_budget drafts
+            return sizes_up_to(self.auto.max_budget + 1)
+        return (1, self.drafts + 1)
 
     def stats(self) -> dict:
         n = max(self.steps, 1)

@@ -137,20 +137,26 @@ def ensure_table(cache_dir: Path, tokenizer, corpus: str = "sharegpt", max_recor
         return out
     log.info("aded: building the tri-gram table of %s (max_records=%s) into %s", corpus, max_records, out)
     table, meta = build_table(tokenizer, corpus, max_records, batch_size, progress)
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")  # per process: concurrent builds do not collide
+    publish_arrays(out, table, meta)
+    log.info("aded: table built in %.1f s: %s", meta["build_seconds"], meta)
+    return out
+
+
+def publish_arrays(out: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    """Write ``arrays`` (one ``.npy`` each) and ``meta.json`` (+ ``file_bytes``) as the directory ``out``, atomically:
+    a half-written cache is never used, and concurrent builders do not collide (the first rename wins)."""
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    for name, arr in table.items():
+    for name, arr in arrays.items():
         np.save(tmp / f"{name}.npy", arr)
-    meta["file_bytes"] = sum(int(arr.nbytes) for arr in table.values())
+    meta["file_bytes"] = sum(int(arr.nbytes) for arr in arrays.values())
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     try:
-        tmp.rename(out)  # atomic: a half-written table is never used
-    except OSError:  # another process finished the same table first
+        tmp.rename(out)
+    except OSError:  # another process finished the same directory first
         shutil.rmtree(tmp)
         if not (out / "meta.json").exists():
             raise
-    log.info("aded: table built in %.1f s: %s", meta["build_seconds"], meta)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- table

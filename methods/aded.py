@@ -74,7 +74,7 @@ import torch
 
 from specdec import PROJECT_ROOT
 from specdec.errors import SettingError
-from specdec.verify.proposer import Context, MethodEnv, Proposer, register
+from specdec.verify.proposer import Context, MethodEnv, Proposer, register, sizes_up_to
 from specdec.verify.tree import DraftTree
 
 from . import _aded_search, _trigram
@@ -331,6 +331,9 @@ class Aded(Proposer):
 
     def reset_stats(self) -> None:
         self.counters = {"proposes": 0, "propose_seconds": 0.0, "draft_nodes": 0}
+
+    def tree_sizes(self) -> tuple[int, ...]:
+        return sizes_up_to(self.max_nodes + 1)  # the search's trie, cut to max_nodes drafts
 
     def stats(self) -> dict:
         n = max(self.counters["proposes"], 1)

@@ -10,3 +10,6 @@ from specdec.verify.proposer import Proposer, register
 @register("ar")
 class Autoregressive(Proposer):
     """No draft. The base class already proposes the root-only tree."""
+
+    def tree_sizes(self) -> tuple[int, ...]:
+        return (1,)

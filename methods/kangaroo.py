@@ -32,7 +32,7 @@ import torch
 from methods._draft import DraftModelProposer
 from specdec.errors import SettingError
 from specdec.drafters import EarlyExitDrafter
-from specdec.verify.proposer import Context, MethodEnv, register
+from specdec.verify.proposer import Context, MethodEnv, register, sizes_up_to
 from specdec.verify.target import ShallowStates
 from specdec.verify.tree import CHAIN_SAMPLED, DETERMINISTIC, DraftTree
 
@@ -68,8 +68,7 @@ class Kangaroo(DraftModelProposer):
         states = [self.drafter.exit_states[:, -1:]]  # [1, 1, H] per forwarded node
         tokens, parents, q_rows, node = [ctx.root], [-1], {}, 0
         for d in range(depth):
-            confidence = float(torch.softmax(logits, -1).max())
-            kids = self._children(logits, node, q_rows)
+            confidence, kids = self._children(logits, node, q_rows)
             first = len(tokens)
             tokens += kids
             parents += [node] * len(kids)
@@ -85,17 +84,19 @@ class Kangaroo(DraftModelProposer):
         self._counts["steps"] += 1
         self._counts["early_exits"] += int(early and d + 1 < depth)
         self._counts["drafts"] += len(tokens) - 1
-        tree = self.tree(tokens, parents, CHAIN_SAMPLED if self.sampled else DETERMINISTIC, q_rows)
-        if not self.reuse_shallow:
-            return tree
-        return DraftTree(tree.tokens, tree.parents, tree.kind, tree.draft_probs, shallow=self._shallow(states))
+        return self.tree(tokens, parents, CHAIN_SAMPLED if self.sampled else DETERMINISTIC, q_rows,
+                         shallow=self._shallow(states) if self.reuse_shallow else None)
 
-    def _children(self, logits: torch.Tensor, node: int, q_rows: dict) -> list[int]:
-        """Draft tokens under ``node``: a draw from q (chain_sampled) or the top-k of the raw draft logits."""
+    def _children(self, logits: torch.Tensor, node: int, q_rows: dict) -> tuple[float, list[int]]:
+        """(confidence, draft tokens under ``node``): the top draft probability (the second exit's test) and a
+        draw from q (chain_sampled) or the top-k of the raw draft logits, read from the device together."""
+        confidence = torch.softmax(logits, -1).max()
         if self.sampled:
             q_rows[node] = self.probs(logits[None])[0]                      # [V]
-            return [int(torch.multinomial(q_rows[node], 1, generator=self.generator))]
-        return logits.topk(self.topk).indices.tolist()
+            return float(confidence), [int(torch.multinomial(q_rows[node], 1, generator=self.generator))]
+        top = logits.topk(self.topk).indices
+        values = torch.cat([confidence.view(1).double(), top.double()]).tolist()  # one read (ids exact in float64)
+        return values[0], [int(v) for v in values[1:]]
 
     def _shallow(self, states: list[torch.Tensor]) -> ShallowStates:
         """The tree nodes' layer-ℓ states and their K/V rows of layers < ℓ from the drafter's cache (the
@@ -105,6 +106,9 @@ class Kangaroo(DraftModelProposer):
         kv = tuple((layer.keys[..., start:end, :], layer.values[..., start:end, :])
                    for layer in self.drafter.caches[0].layers[:self.exit_layer])
         return ShallowStates(self.exit_layer, hidden, kv)
+
+    def tree_sizes(self) -> tuple[int, ...]:
+        return sizes_up_to(1 + self.max_steps * self.topk)  # the second exit stops drafting early
 
     def stats(self) -> dict:
         c = self._counts

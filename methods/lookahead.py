@@ -67,12 +67,10 @@ import logging
 import time
 from typing import Optional, Sequence
 
-import torch
-
 from specdec.errors import SettingError
 from specdec.running.corpus import corpus_path, corpus_records, record_texts
 from specdec.running.prompts import stop_ids as model_stop_ids
-from specdec.verify.proposer import Context, MethodEnv, Proposer, StepResult, register
+from specdec.verify.proposer import Context, MethodEnv, Proposer, StepResult, register, sizes_up_to
 from specdec.verify.tree import DraftTree
 
 log = logging.getLogger(__name__)
@@ -552,9 +550,7 @@ class Lookahead(Proposer):
             ctx.tokens[-self.max_query_length:], self.decoding_length, self.branch_length, self.mode, self.rank,
             self.min_input_size, self.min_output_size, self.output_weight, max_depth=ctx.remaining - 1,
             budget_filter=self.budget_filter)
-        device = self.env.device
-        return DraftTree(torch.tensor([ctx.root, *tokens], dtype=torch.long, device=device),
-                         torch.tensor([-1, *parents], dtype=torch.long, device=device))
+        return DraftTree.from_lists([ctx.root, *tokens], [-1, *parents], self.env.device)  # one copy to the device
 
     def observe(self, step: StepResult) -> None:
         start = time.perf_counter()
@@ -566,6 +562,9 @@ class Lookahead(Proposer):
         start = time.perf_counter()
         self.forest.end_request(self.window)
         self.update_time += time.perf_counter() - start
+
+    def tree_sizes(self) -> tuple[int, ...]:
+        return sizes_up_to(self.decoding_length)  # retrieved subtrees of at most decoding_length tokens
 
     def stats(self) -> dict:
         return {**self.warm_info, "decoding_length": self.decoding_length, "branch_length": self.branch_length,

@@ -32,7 +32,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from specdec.errors import SettingError
 from specdec.running.prompts import stop_ids
-from specdec.verify.proposer import Context, MethodEnv, Proposer, register
+from specdec.verify.proposer import Context, MethodEnv, Proposer, register, sizes_up_to
 from specdec.verify.tree import DraftTree
 
 LOOKUPS = ("transformers", "spec_bench")
@@ -93,6 +93,9 @@ class PromptLookup(Proposer):
 
     def propose(self, ctx: Context) -> DraftTree:
         return DraftTree.chain(ctx.root, self.draft(ctx.tokens, ctx.remaining), self.env.device)
+
+    def tree_sizes(self) -> tuple[int, ...]:
+        return sizes_up_to(self.num_pred_tokens + 1)  # a chain as long as the match allows
 
     def stats(self) -> dict:
         return {"lookup": self.lookup, "num_pred_tokens": self.num_pred_tokens,

@@ -272,9 +272,10 @@ class TokenRecycling(Proposer):
         if self.dedup_siblings:
             repeat = (tpl.earlier_sibling & (tokens[:, None] == tokens[None, :])).any(1)  # [T]
             alive = ~(tpl.ancestors & repeat[None, :]).any(1)                             # [T]
-            if not bool(alive.all()):
-                self.pruned_nodes += int((~alive).sum())
-                return self._subtree(tokens, alive)
+            alive_list = alive.tolist()  # the step's one read: the tree's size is decided on the host
+            if not all(alive_list):
+                self.pruned_nodes += alive_list.count(False)
+                return self._subtree(tokens, alive, alive_list)
         tree = DraftTree(tokens, tpl.parents, kind=DETERMINISTIC)
         # The template is static: hand the verifier its precomputed buffers instead of rebuilding
         # them per step (DraftTree caches these as cached_property values in the instance dict).
@@ -282,23 +283,31 @@ class TokenRecycling(Proposer):
                              children=tpl.children)
         return tree
 
-    def _subtree(self, tokens: torch.Tensor, alive: torch.Tensor) -> DraftTree:
-        """The ancestor-closed subtree of kept nodes (``alive`` bool [T]), with its buffers sliced."""
+    def _subtree(self, tokens: torch.Tensor, alive: torch.Tensor, alive_list: list[bool]) -> DraftTree:
+        """The ancestor-closed subtree of kept nodes (``alive`` bool [T], also read as ``alive_list``), with its
+        buffers sliced on the device (a stable sort puts the kept indices first, in order: no nonzero, no copy)."""
         tpl = self.template
-        keep = alive.nonzero().squeeze(1)                        # [T'] increasing, keep[0] == 0
+        kept = [i for i, a in enumerate(alive_list) if a]        # increasing, kept[0] == 0
+        keep = torch.sort((~alive).to(torch.uint8), stable=True).indices[:len(kept)]   # [T'] = kept
         new_index = alive.long().cumsum(0) - 1                   # [T] old -> new position
         parents = new_index[tpl.parents[keep].clamp_min(0)]
         parents[0] = -1
         tree = DraftTree(tokens[keep], parents, kind=DETERMINISTIC)
-        tree.__dict__.update(depth=tpl.depth[keep], ancestors=tpl.ancestors[keep][:, keep])
+        position = {old: new for new, old in enumerate(kept)}
+        tree.__dict__.update(depth=tpl.depth[keep], ancestors=tpl.ancestors[keep][:, keep],
+                             parent_list=[-1] + [position[tpl.parent_list[i]] for i in kept[1:]])
         return tree
 
     # ------------------------------------------------------------------ learning
     def write_rows(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
-        """Overwrite ``A[tokens[i]]`` with the top-k of ``logits[i]``; for repeated tokens the last i wins."""
-        wins = last_occurrence(tokens)                           # [n]
-        top = torch.topk(logits[wins], self.k, dim=-1).indices   # [n', k]
-        self.table[tokens[wins]] = top.to(self.table.dtype)
+        """Overwrite ``A[tokens[i]]`` with the top-k of ``logits[i]``; for repeated tokens the last i wins: every
+        copy of a token writes the top-k of its last occurrence, so repeated writes agree (deterministic on any
+        device) and no data-dependent selection (a device sync) is needed."""
+        n = tokens.shape[0]
+        same = tokens[:, None] == tokens[None, :]                                          # [n, n]
+        last = torch.where(same, torch.arange(n, device=tokens.device), -1).amax(1)        # [n] last i holding it
+        top = torch.topk(logits, self.k, dim=-1).indices                                   # [n, k]
+        self.table[tokens] = top[last].to(self.table.dtype)
 
     def updates_on(self, step: StepResult) -> bool:
         """Whether the released loop reaches its table update on this step (``final_update``)."""
@@ -314,7 +323,7 @@ class TokenRecycling(Proposer):
         if not self.updates_on(step):
             return
         start = time.perf_counter()
-        nodes = slice(None) if self.update == "all" else torch.tensor(step.path, device=step.logits.device)
+        nodes = slice(None) if self.update == "all" else step.tree.path_index(step.path)  # on the device, no copy
         with device_work():  # top-k over every node's logits runs on the target's device: its own figure
             self.write_rows(step.tree.tokens[nodes], step.logits[nodes])
         self.steps += 1
@@ -344,6 +353,9 @@ class TokenRecycling(Proposer):
         self.observe_time = 0.0
         self.steps = 0
         self.pruned_nodes = 0
+
+    def tree_sizes(self) -> tuple[int, ...]:
+        return (1, self.template.size)  # the static template every step (root-only when one token is left)
 
     def stats(self) -> dict:
         return {"table_bytes": self.table.numel() * self.table.element_size(), "vocab_size": self.table.shape[0],

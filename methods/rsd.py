@@ -56,6 +56,15 @@ class RSD(DraftModelProposer):
         self.kind, self.branching = tree, [int(b) for b in branching]
         self.beam_width, self.beam_depth = beam_width, depth
 
+    def tree_sizes(self) -> tuple[int, ...]:
+        if self.kind == "beam":
+            return (1, 1 + self.beam_width * self.beam_depth)
+        level, nodes = 1, 1
+        for b in self.branching:  # RSD-C: a constant branching factor per level
+            level *= b
+            nodes += level
+        return (1, nodes)
+
     def perturbed(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(log q + Gumbel [V] float64, q [V]); under greedy the raw log-softmax and no q."""
         if self.greedy:
@@ -79,14 +88,15 @@ class RSD(DraftModelProposer):
                     q_rows[node] = q
                 if self.kind == "constant":
                     top = keys.topk(self.branching[level])
-                    candidates += [(float(k), node, int(t), 0.0) for k, t in zip(top.values, top.indices)
-                                   if k > float("-inf")]
+                    values, ids = torch.stack([top.values, top.indices.double()]).tolist()  # one read (ids exact)
+                    candidates += [(k, node, int(t), 0.0) for k, t in zip(values, ids) if k > float("-inf")]
                     continue
                 logq = torch.log_softmax(row.double(), -1) if q is None else q.double().log()
                 path = phi[node] + logq                                     # [V]
                 seq = path if self.greedy else conditioned_gumbel(phi[node] + keys, score[node])
                 top = seq.topk(min(self.beam_width, int((seq > float("-inf")).sum())))
-                candidates += [(float(k), node, int(t), float(path[t])) for k, t in zip(top.values, top.indices)]
+                values, ids, logqs = torch.stack([top.values, top.indices.double(), path[top.indices]]).tolist()
+                candidates += [(k, node, int(t), lq) for k, t, lq in zip(values, ids, logqs)]  # one read per node
             if self.kind == "beam":        # keep the best W over the whole level, in parent order
                 candidates = sorted(sorted(candidates, key=lambda c: -c[0])[:self.beam_width], key=lambda c: c[1])
             new = []

@@ -19,7 +19,7 @@ import torch
 
 from methods._draft import DraftModelProposer
 from specdec.errors import SettingError
-from specdec.verify.proposer import Context, MethodEnv, register
+from specdec.verify.proposer import Context, MethodEnv, register, sizes_up_to
 from specdec.verify.tree import IID, DraftTree
 
 
@@ -32,6 +32,9 @@ class SpecInfer(DraftModelProposer):
         if k < 1 or length < 1:
             raise SettingError(f"k and length must be >= 1, got k={k}, length={length}")
         self.k, self.length = k, length
+
+    def tree_sizes(self) -> tuple[int, ...]:
+        return sizes_up_to(self.k * self.length + 1)  # k draws of length L merged into a trie
 
     def children(self, logits: torch.Tensor, draws: int, level: int) -> tuple[list[int], list[int], torch.Tensor | None]:
         """Children of one node from its draft logits [V]: (tokens, multiplicities, q or None)."""

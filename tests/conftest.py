@@ -143,6 +143,19 @@ def ar_outputs(smollm2, task_prompts) -> dict[str, list[int]]:
             for task, ids in task_prompts.items()}
 
 
+class WordTokenizer:
+    """Whitespace words -> fixed ids: corpora (ADED's tri-grams, REST's datastore) worked out by hand."""
+
+    def __init__(self, words):
+        self.vocab = {w: i for i, w in enumerate(words)}
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[self.vocab[w] for w in t.split()] for t in texts]}
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+
 def tiny_llama(vocab: int = 64, layers: int = 2, seed: int = 0, attn: str = "sdpa", context: int = 512):
     """A random fp32 Llama small enough for exhaustive checks."""
     from transformers import LlamaConfig, LlamaForCausalLM

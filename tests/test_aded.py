@@ -21,6 +21,7 @@ from conftest import (
     assert_same_distribution,
     method_env,
     run_generation,
+    WordTokenizer,
 )
 from scipy.stats import chisquare
 
@@ -41,19 +42,6 @@ from methods.aded import (
 from specdec.verify.acceptance import Sampling, sampling_processors
 from specdec.verify.proposer import Context, MethodEnv, build_proposer
 from specdec.verify.tree import DraftTree
-
-
-class WordTokenizer:
-    """Whitespace words -> fixed ids: corpora whose tri-gram counts can be computed by hand."""
-
-    def __init__(self, words):
-        self.vocab = {w: i for i, w in enumerate(words)}
-
-    def __call__(self, texts, add_special_tokens=False):
-        return {"input_ids": [[self.vocab[w] for w in t.split()] for t in texts]}
-
-    def get_vocab(self):
-        return dict(self.vocab)
 
 
 WORDS = WordTokenizer(["a", "b", "c", "d", "e"])

@@ -107,14 +107,13 @@ def test_only_a_refused_setting_reads_as_a_config_error(tiny_model, monkeypatch)
 
 def shipped_proposer(name: str, model, tok):
     """``conf/method/<name>.yaml`` as shipped, with the drafter its YAML composes (a missing head fails here:
-    never an untrained stand-in). A method with no default drafter (sps, specinfer, ...: ``drafter: none``)
-    gets the self-draft ``early_exit``, what its YAML's comment suggests."""
+    never an untrained stand-in): the sampling family's is the model's draft model (``drafter=draft_model``; on
+    SmolLM2 the Kangaroo adapter)."""
     cfg = compose_config(f"method={name}")
     method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
     env = method_env(model, tok)
     if registry()[method_cfg["proposer"]].needs_drafter:
-        drafter = cfg.drafter if cfg.drafter.kind != "none" else compose_config("drafter=early_exit").drafter
-        drafter_cfg = OmegaConf.to_container(drafter, resolve=True)
+        drafter_cfg = OmegaConf.to_container(cfg.drafter, resolve=True)
         env = dataclasses.replace(env, drafter=build_drafter(drafter_cfg, model, tok, env.vocab_size))
     proposer = build_proposer(method_cfg, env)
     proposer.reset("run")

@@ -119,7 +119,7 @@ def test_missing_drafter_and_bad_configs_fail_clearly():
     with pytest.raises(UserError, match="exit_layer"):
         build_drafter({"kind": "early_exit", "exit_layer": 3}, model, None, 64)
     with pytest.raises(UserError, match="unknown drafter kind"):
-        build_drafter({"kind": "medusa"}, model, None, 64)
+        build_drafter({"kind": "bogus"}, model, None, 64)
     with pytest.raises(UserError, match="drafter.path"):
         build_drafter({"kind": "hf", "path": None}, model, None, 64)
 
@@ -215,3 +215,44 @@ def test_drafter_configs_compose_and_build(smollm2):
         cfg = OmegaConf.to_container(compose_config(f"drafter={name}").drafter, resolve=True)
         with pytest.raises(UserError):
             build_drafter(cfg, model, tok, 49152)
+
+
+def test_each_model_names_its_draft_model(smollm2, monkeypatch):
+    """The sampling family drafts with the model's own draft model (conf/model/<m>.yaml drafters.draft_model):
+    SmolLM2's Kangaroo adapter builds; Vicuna's vicuna-68m without the hub fails with one line naming the
+    setting and the checkpoint; a model naming none gets require_drafter's line."""
+    from test_configs import compose_config
+    from omegaconf import OmegaConf
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tok, _ = smollm2
+    drafter_of = lambda *o: OmegaConf.to_container(compose_config("method=sps", *o).drafter, resolve=True)  # noqa: E731
+    own = build_drafter(drafter_of(), model, tok, 49152)
+    assert isinstance(own, EarlyExitDrafter) and own.head is not None and own.exit_layer == 2
+    vicuna = drafter_of("model=vicuna-7b")
+    assert (vicuna["kind"], vicuna["path"]) == ("hf", "double7/vicuna-68m")
+    with pytest.raises(UserError, match=r"^drafter.path 'double7/vicuna-68m' is not in the local Hugging Face cache"):
+        build_drafter(vicuna, model, tok, 49152)
+    assert drafter_of("model=llama-2-7b-chat")["kind"] == "none"
+    with pytest.raises(UserError, match="this model names none"):
+        build_proposer({"name": "sps", "proposer": "sps"}, method_env(model))
+
+
+@pytest.mark.parametrize("method,kind,release", [("eagle2", "eagle", "yuhuili/EAGLE-Vicuna-7B-v1.3"),
+                                                 ("medusa", "medusa", "FasterDecoding/medusa-vicuna-7b-v1.3"),
+                                                 ("hydra", "hydra", "ankner/hydra-vicuna-7b-v1.3")])
+def test_vicuna_methods_default_to_the_released_drafters(method, kind, release, smollm2, monkeypatch):
+    """model=vicuna-7b: each draft-model method takes the model's released drafter; without the hub it fails at
+    once with one line naming the setting and the checkpoint (here built around SmolLM2: the download fails first)."""
+    from test_configs import compose_config
+    from omegaconf import OmegaConf
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = OmegaConf.to_container(compose_config(f"method={method}", "model=vicuna-7b").drafter, resolve=True)
+    assert (cfg["kind"], cfg["release"]) == (kind, release)
+    model, tok, _ = smollm2
+    with pytest.raises(UserError, match=f"drafter.release.*{release}|{release}.*drafter.release") as err:
+        build_drafter(cfg, model, tok, 49152)
+    assert "\n" not in str(err.value)
+    on_smollm2 = OmegaConf.to_container(compose_config(f"method={method}").drafter, resolve=True)
+    assert on_smollm2["release"] is None and on_smollm2["head"].startswith("specdec/assets/")

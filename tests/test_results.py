@@ -99,3 +99,11 @@ def test_write_report_makes_its_folder_writes_json_and_prints_the_rows(tmp_path,
     assert json.loads(path.read_text()) == {"rows": [{"K": 2, "rate": 0.3125}]}
     out = capsys.readouterr().out
     assert "|    K |   rate |" in out and "0.31 |" in out and "0.3125" not in out
+
+
+def test_lossless_splits_into_identical_near_tie_and_diverged():
+    tie, wide = record(3, "qa", [20], [1.0], [5] * 4, [20], [4.0], identical=False), \
+        record(4, "qa", [20], [1.0], [5] * 4, [20], [4.0], identical=False)
+    tie["lossless"]["near_tie"], wide["lossless"]["near_tie"] = True, False
+    split = aggregate([RECORDS[0], tie, wide, tie])
+    assert (split["lossless"], split["near_tie"], split["diverged"]) == (0.25, 0.5, 0.25)

@@ -127,7 +127,7 @@ def test_bad_settings(tiny_model_dir, tmp_path):
 
 
 def test_prompt_longer_than_context_keeps_finished_records(tiny_model_dir, tmp_path):
-    """The context check runs before any generation; answers already written stay untouched."""
+    """context_policy=refuse checks every question before any generation; answers already written stay untouched."""
     run_dir = tmp_path / "ctx"
     short = tmp_path / "short.jsonl"
     lines = QUESTIONS.read_text().splitlines()
@@ -135,9 +135,9 @@ def test_prompt_longer_than_context_keeps_finished_records(tiny_model_dir, tmp_p
     run_cli(*tiny_args(tiny_model_dir, run_dir, "logger=none", f"task.path={short}"))
     before = (run_dir / "answers.jsonl").read_text()
     short.write_text(lines[80] + "\n" + lines[160] + "\n")  # + question 241 (summarization, a long article)
-    proc = run_cli(*tiny_args(tiny_model_dir, run_dir, "logger=none", f"task.path={short}", "max_new_tokens=1500"),
-                   check=False)
-    assert_user_error(proc, "error: question 241: prompt of", "exceeds the model's context of 2048")
+    proc = run_cli(*tiny_args(tiny_model_dir, run_dir, "logger=none", f"task.path={short}", "max_new_tokens=1500",
+                              "context_policy=refuse"), check=False)
+    assert_user_error(proc, "error: question 241: prompt of", "passes the model's trained length of 2048")
     assert (run_dir / "answers.jsonl").read_text() == before
 
 

@@ -3,7 +3,9 @@
     base.py          Drafter (the draft KV cache that follows the committed sequence), HFDrafter (a second
                      causal LM), EarlyExitDrafter (the target's first layers + an optional head)
     eagle.py         EagleDrafter: an EAGLE head over the target's features
+    medusa.py        MedusaDrafter / HydraDrafter: Medusa-1 and Hydra heads over the target's features (+ loaders)
     heads.py         the trainable heads (Kangaroo adapter, EAGLE layer) and their checkpoint format
+    released.py      the released EAGLE-1/2 heads and Kangaroo adapter, loaded strictly in their own key layout
     tree_builder.py  the dynamic trees' shared pool, selection and auto budget
 
 ``build_drafter`` turns a ``conf/drafter`` config into a drafter around the target; ``require_drafter`` is
@@ -27,7 +29,14 @@ def build_drafter(cfg: Optional[dict], model, tokenizer, vocab_size: int, cache_
         return None
     if kind == "early_exit":
         head = None
-        if cfg.get("adapter"):
+        if cfg.get("release"):  # a released Kangaroo adapter (specdec/drafters/released.py)
+            from specdec.drafters.released import load_released_kangaroo
+
+            if cfg.get("exit_layer") is None:
+                raise UserError("drafter.release (a released Kangaroo adapter) needs drafter.exit_layer: the "
+                                "checkpoint does not record it (the Vicuna-7B release was trained at layer 2)")
+            head = load_released_kangaroo(str(cfg["release"]), model, int(cfg["exit_layer"]))
+        elif cfg.get("adapter"):
             from specdec.drafters.heads import load_head
 
             head = load_head(cfg["adapter"], model)
@@ -43,7 +52,8 @@ def build_drafter(cfg: Optional[dict], model, tokenizer, vocab_size: int, cache_
 
         if not cfg.get("path"):
             raise UserError("drafter=hf needs drafter.path=<hub id or local dir>")
-        draft_model, draft_tok = load_model(cfg["path"], model.device, model.dtype, "sdpa", cache_dir)
+        draft_model, draft_tok = load_model(cfg["path"], model.device, model.dtype, "sdpa", cache_dir,
+                                            setting="drafter.path")
         if draft_tok.get_vocab() != tokenizer.get_vocab():
             raise UserError(f"drafter {cfg['path']!r} does not share the target's tokenizer (vocabularies differ: "
                             f"{len(draft_tok)} vs {len(tokenizer)} tokens); pick a drafter of the same family")
@@ -52,12 +62,17 @@ def build_drafter(cfg: Optional[dict], model, tokenizer, vocab_size: int, cache_
         from specdec.drafters.eagle import build_eagle_drafter
 
         return build_eagle_drafter(cfg, model, vocab_size)
-    raise UserError(f"unknown drafter kind {kind!r}; use none, hf, early_exit or eagle")
+    if kind in ("medusa", "hydra"):  # Medusa-1 / Hydra heads on the target's features (specdec/drafters/medusa.py)
+        from specdec.drafters.medusa import build_head_drafter
+
+        return build_head_drafter(kind, cfg, model, vocab_size)
+    raise UserError(f"unknown drafter kind {kind!r}; use none, hf, early_exit, eagle, medusa or hydra")
 
 
 def require_drafter(env, method: str) -> Drafter:
     """The drafter from ``env`` or one clear error naming the config to add."""
     if getattr(env, "drafter", None) is None:
-        raise UserError(f"method {method!r} drafts with a draft model: add drafter=early_exit (self-draft from the "
-                        f"target's first layers) or drafter=hf drafter.path=<model sharing the tokenizer>")
+        raise UserError(f"method {method!r} drafts with a draft model and this model names none (conf/model/<model>.yaml "
+                        f"drafters.draft_model): add drafter=early_exit (self-draft from the target's first layers) or "
+                        f"drafter=hf drafter.path=<model sharing the tokenizer>")
     return env.drafter

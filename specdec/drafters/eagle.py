@@ -2,6 +2,7 @@
 (Li et al. 2024, EAGLE / EAGLE-2; docs/dynamic_trees.md §1, §5b).
 
     python run.py method=eagle2 drafter=eagle           # conf/drafter/eagle.yaml: the head trained here
+    python run.py method=eagle2 model=vicuna-7b drafter.release=yuhuili/EAGLE-Vicuna-7B-v1.3   # a released head
 
 Head row j reads the pair (f_j, x_{j+1}) -- the target's last hidden state (after its final norm) at
 position j and the embedding of the next token -- at position j, and predicts f_{j+1}; the target's
@@ -98,11 +99,18 @@ class EagleDrafter(Drafter):
 
 
 def build_eagle_drafter(cfg: dict, model, vocab_size: int) -> EagleDrafter:
-    """``conf/drafter/eagle.yaml``: the head checkpoint (``specdec.drafters.heads.save_head`` format) around ``model``."""
+    """``conf/drafter/eagle.yaml``: a released EAGLE-1/2 head (``release``: hub id or directory,
+    ``specdec.drafters.released``) or else a head trained here (``head``: ``specdec.drafters.heads.save_head``
+    format), around ``model``."""
     from specdec.drafters.heads import head_file, load_head
 
+    if cfg.get("release"):
+        from specdec.drafters.released import load_released_eagle
+
+        return EagleDrafter(model, load_released_eagle(str(cfg["release"]), model), vocab_size)
     if not cfg.get("head"):
-        raise UserError("drafter=eagle needs drafter.head=<checkpoint .safetensors> (train one: python -m specdec.training head=eagle)")
+        raise UserError("drafter=eagle needs drafter.head=<checkpoint .safetensors> (train one: python -m "
+                        "specdec.training head=eagle) or drafter.release=<released EAGLE head: hub id or directory>")
     path = Path(cfg["head"])
     if not path.is_absolute() and not head_file(path, ".json").is_file():  # repo-relative, run from anywhere
         path = PROJECT_ROOT / path

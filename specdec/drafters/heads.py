@@ -4,11 +4,19 @@
   RMSNorm -> one self-attention block (the target's attention class, head layout and RoPE; its own
   one-layer KV cache) -> residual add -> final RMSNorm; no MLP. It maps the layer-ℓ hidden states of
   the target to the final (post-norm) space, where the target's frozen LM head gives draft logits.
-* ``EagleHead`` (Li et al. 2024, EAGLE; ``SafeAILab/EAGLE`` ``model/cnets.py``): ``fc`` over
-  [feature_t ‖ embed(token_{t+1})] -> one decoder layer of the target's own decoder class -> the
-  predicted feature_{t+1}; the target's frozen LM head gives its logits. Features are the target's
-  last hidden states after its final norm (what EAGLE regresses). Difference from the release [U]:
-  EAGLE drops the first layer's input norm; we keep the target's decoder layer unchanged.
+* ``EagleHead`` (Li et al. 2024, EAGLE; ``SafeAILab/EAGLE`` ``eagle/model/cnets1.py::Model`` @ ``cb7e0841``,
+  ``eagle/model/cnets.py`` @ ``2320d52`` for EAGLE-1): ``fc`` over the pair (feature_t, embed(token_{t+1}))
+  -> one decoder layer of the target's own decoder class -> the predicted feature_{t+1}; the target's
+  frozen LM head gives its logits. Features are the target's last hidden states after its final norm
+  (what EAGLE regresses). Two layouts (``layout``, saved in the head's .json):
+
+  - ``release`` (default): the released architecture exactly -- ``fc(cat(embedding, feature))``, embedding
+    first, and the decoder layer without its input norm (the release builds ``input_layernorm`` only for
+    layers after the first; here the target's layer gets ``nn.Identity`` in its place, so the released
+    checkpoints of ``specdec.drafters.released`` load strictly and compute the same function).
+  - ``legacy``: the head this project trained first -- ``fc(cat(feature, embedding))`` and the target's
+    decoder layer unchanged (with its input norm). The committed ``specdec/assets/eagle-smollm2-135m`` head
+    has this layout (its .json predates the key, and a missing key means ``legacy``).
 
 Both share one call signature so a drafter can use either as a "head" on top of the target's layers:
 ``head(hidden [1, T, H], position_ids [1, T], attention_mask, cache) -> hidden [1, T, H]``, where
@@ -75,6 +83,10 @@ class KangarooAdapter(nn.Module):
         self.rotary = type(inner.rotary_emb)(config=self.config)  # inv_freq is a non-persistent buffer
         self.to(device=model.device, dtype=model.dtype)
 
+    @classmethod
+    def from_meta(cls, model, meta: dict) -> "KangarooAdapter":
+        return cls(model, meta["exit_layer"])
+
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask=None, cache=None):
         """hidden ``[1, T, H]`` (layer-ℓ states), position_ids ``[1, T]`` -> final-space states ``[1, T, H]``."""
         position_embeddings = self.rotary(hidden, position_ids)
@@ -83,22 +95,38 @@ class KangarooAdapter(nn.Module):
         return self.norm(hidden + attn_out)
 
 
+EAGLE_LAYOUTS = ("release", "legacy")
+
+
 class EagleHead(nn.Module):
-    """EAGLE's draft head: ``decoder_layer(fc([feature ‖ embed(next token)]))`` -> next feature."""
+    """EAGLE's draft head: ``decoder_layer(fc(pair(feature, embed(next token))))`` -> next feature, in one of
+    ``EAGLE_LAYOUTS`` (module docstring)."""
 
     kind = "eagle"
 
-    def __init__(self, model, exit_layer: int | None = None):
+    def __init__(self, model, exit_layer: int | None = None, layout: str = "release"):
         super().__init__()
+        if layout not in EAGLE_LAYOUTS:
+            raise UserError(f"EAGLE head layout {layout!r} is unknown; use one of {', '.join(EAGLE_LAYOUTS)}")
         inner = _decoder(model)
         self.exit_layer = None  # EAGLE drafts from the last layer's features
+        self.layout = layout
         self.config = _head_config(model)
         H = self.config.hidden_size
         self.fc = nn.Linear(2 * H, H, bias=True)
         self.layer = type(inner.layers[0])(self.config, layer_idx=0)
+        if layout == "release":  # the release's first (only) layer has no input norm
+            self.layer.input_layernorm = nn.Identity()
         self.rotary = type(inner.rotary_emb)(config=self.config)
         self.embed = inner.embed_tokens  # frozen, shared with the target (not saved)
         self.to(device=model.device, dtype=model.dtype)
+
+    @classmethod
+    def from_meta(cls, model, meta: dict) -> "EagleHead":
+        return cls(model, meta["exit_layer"], meta.get("layout", "legacy"))  # no key: saved before layouts
+
+    def meta(self) -> dict:
+        return {"layout": self.layout}
 
     def trainable_state(self) -> dict:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("embed.")}
@@ -106,7 +134,9 @@ class EagleHead(nn.Module):
     def forward(self, hidden, position_ids: torch.Tensor, attention_mask=None, cache=None):
         """hidden = (features ``[1, T, H]``, next token ids ``[1, T]``) -> predicted next features ``[1, T, H]``."""
         features, next_ids = hidden
-        x = self.fc(torch.cat([features, self.embed(next_ids).to(features.dtype)], dim=-1))
+        embedded = self.embed(next_ids).to(features.dtype)
+        pair = (embedded, features) if self.layout == "release" else (features, embedded)
+        x = self.fc(torch.cat(pair, dim=-1))
         out = self.layer(x, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
                          position_embeddings=self.rotary(x, position_ids))
         return out[0] if isinstance(out, tuple) else out
@@ -146,28 +176,35 @@ def save_head(head: nn.Module, path: str | Path, target_name: str, extra: dict |
     meta = {"kind": head.kind, "target": target_name, "exit_layer": head.exit_layer,
             "hidden_size": head.config.hidden_size, "num_attention_heads": head.config.num_attention_heads,
             "num_key_value_heads": head.config.num_key_value_heads, "vocab_size": head.config.vocab_size,
-            "dtype": str(dtype).removeprefix("torch."), **(extra or {})}
+            "dtype": str(dtype).removeprefix("torch."), **(head.meta() if hasattr(head, "meta") else {}),
+            **(extra or {})}
     head_file(path, ".json").write_text(json.dumps(meta, indent=2) + "\n")
     return head_file(path, ".safetensors")
+
+
+def head_files(path: str | Path, train: str = "python -m specdec.training") -> tuple[Path, Path, dict]:
+    """(weights, meta file, meta) of a saved head; ``path`` is a stem or one of its files, relative to the repo root
+    unless found as given. A missing head is one line naming how to make it (``train``) or load a release."""
+    path = head_stem(path)
+    if not path.is_absolute() and not head_file(path, ".json").exists():
+        path = PROJECT_ROOT / path  # config paths are relative to the repo root
+    weights, meta_file = head_file(path, ".safetensors"), head_file(path, ".json")
+    if not weights.is_file() or not meta_file.is_file():
+        raise UserError(f"draft head {path} not found (need {weights.name} and {meta_file.name}): train one with "
+                        f"`{train}`, or set drafter.release=<a released checkpoint's hub id or dir>")
+    return weights, meta_file, json.loads(meta_file.read_text())
 
 
 def load_head(path: str | Path, model) -> nn.Module:
     """Rebuild a saved head around ``model`` (the target it was trained for; dims are checked)."""
     from safetensors.torch import load_file
 
-    path = head_stem(path)
-    if not path.is_absolute() and not head_file(path, ".json").exists():
-        path = PROJECT_ROOT / path  # config paths are relative to the repo root
-    weights, meta_file = head_file(path, ".safetensors"), head_file(path, ".json")
-    if not weights.is_file() or not meta_file.is_file():
-        raise UserError(f"draft head {path} not found (need {weights.name} and {meta_file.name}); "
-                        f"train one with `python -m specdec.training`")
-    meta = json.loads(meta_file.read_text())
+    weights, meta_file, meta = head_files(path)
     for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size"):
         if meta[key] != getattr(model.config, key):
             raise UserError(f"draft head {weights.name} was trained for {meta['target']} ({key}={meta[key]}), "
                             f"not for this model ({key}={getattr(model.config, key)})")
-    head = HEADS[meta["kind"]](model, meta["exit_layer"])
+    head = HEADS[meta["kind"]].from_meta(model, meta)
     state = {k: v.to(model.dtype) for k, v in load_file(str(weights), device=str(model.device)).items()}
     missing, unexpected = head.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith("embed.") for k in missing):

@@ -66,7 +66,8 @@ class Pool:
         value = parent's + log q. ``keep``: record only the global top-``keep`` of the n*k (OPT-Tree).
         Returns the new node ids, parent by parent, each parent's children by descending q."""
         top_lp, top_tok = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)     # [n, k]
-        top_lp, top_tok = top_lp.cpu(), top_tok.cpu()
+        both = torch.cat([top_lp.double(), top_tok.double()], 1).cpu()          # one read (ids exact in float64)
+        top_lp, top_tok = both[:, :top_lp.shape[1]], both[:, top_lp.shape[1]:].long()
         values = torch.tensor([self.logvalue[p] for p in parents], dtype=torch.float64)[:, None] + top_lp.double()
         flat = torch.arange(values.numel())
         if keep is not None and keep < values.numel():
@@ -105,9 +106,8 @@ class Pool:
                 if v in self.draft_probs and kids.get(v):
                     draft_probs[j] = self.draft_probs[v]
         meta = {"logvalue": [self.logvalue[v] for v in order], "pool_size": len(self)}
-        return DraftTree(torch.tensor([self.tokens[v] for v in order], device=device),
-                         torch.tensor([-1] + [new[self.parents[v]] for v in order[1:]], device=device),
-                         kind=kind, draft_probs=draft_probs, meta=meta)
+        return DraftTree.from_lists([self.tokens[v] for v in order], [-1] + [new[self.parents[v]] for v in order[1:]],
+                                    device, kind=kind, draft_probs=draft_probs, meta=meta)  # one copy to the device
 
 
 def stable_top(values: torch.Tensor, k: int) -> torch.Tensor:

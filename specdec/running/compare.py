@@ -157,7 +157,7 @@ def compare(cfg: DictConfig, out_dir: Path) -> list[Path]:
     arms = [make_arm(runner, cfg, out_dir, name, method_cfg) for name, method_cfg in methods.items()]
     todo = [q for q in questions if any(q["question_id"] not in arm.answers.done for arm in arms)]
     for q in todo:
-        runner.check_fits(q, runner.prompts.ids(q["turns"][:1], []))
+        runner.new_token_cap(q, runner.prompts.ids(q["turns"][:1], []))  # a refused question fails before any runs
     env = environment(runner)
     sessions = {arm.name: record_session(arm.run_dir / "sessions.jsonl", env, len(arm.answers.records), arm.cfg)
                 for arm in arms}

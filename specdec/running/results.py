@@ -7,7 +7,11 @@ Aggregates, per task and ``overall``:
   baseline_tokens_per_s the same on the paired autoregressive baseline
   speedup               tokens_per_s / baseline_tokens_per_s  (ratio of the averages)
   mat                   mean accept length pooled over every verify step of every question
-  lossless              fraction of questions whose output ids equal the baseline's
+  lossless              fraction of questions whose output ids equal the baseline's (greedy: *identical*)
+  near_tie, diverged    fraction whose first divergence sits at a top-2 logit gap below the dtype's threshold
+                        (numerics: expected in fp16/bf16, ``specdec.models.NEAR_TIE_GAP``), and the rest (a bug)
+  turns_past_context    turns that committed positions past the model's trained length (``context_policy``),
+  turns_stopped_at_context  and turns that ``context_policy=stop`` ended there
   draft_share           Σ draft time / Σ wall time
   proposer_share        Σ (draft + update) time / Σ step time (prefill excluded): the method's own cost
   proposer_ms_mean      host milliseconds of propose + observe per verify step, pooled over all steps, minus the
@@ -56,6 +60,8 @@ def turn_figures(gens: list[Generation]) -> dict:
         "step_update_time": [round(t, 7) for g in gens for t in g.step_update_times],
         "step_device_time": [round(t, 7) for g in gens for t in g.step_device_times],
         "stop_reason": [g.stop_reason for g in gens],
+        "prompt_tokens": [g.prompt_tokens for g in gens],
+        "past_context": [g.past_context for g in gens],   # committed positions past the trained length (context_policy)
     }
 
 
@@ -69,7 +75,7 @@ def answer_record(question: dict, model_id: str, texts: list[str], gens: list[Ge
     }
     if baseline is not None:
         figures = turn_figures(baseline)
-        for key in ("tree_sizes", "step_draft_time", "step_update_time", "step_device_time"):
+        for key in ("tree_sizes", "step_draft_time", "step_update_time", "step_device_time", "prompt_tokens"):
             figures.pop(key)
         record["baseline"] = figures
         record["order"] = order
@@ -154,9 +160,14 @@ def aggregate(records: list[dict]) -> dict:
         out["baseline_wall_time"] = sum(sum(b["wall_time"]) for b in baselines)
         out["speedup"] = out["tokens_per_s"] / out["baseline_tokens_per_s"] if out["baseline_tokens_per_s"] else None
         out.update(_cost_split(choices, baselines))
-    checks = [r["lossless"]["identical"] for r in records if "lossless" in r]
+    checks = [r["lossless"] for r in records if "lossless" in r]
     if checks and len(checks) == len(records):
-        out["lossless"] = sum(checks) / len(checks)
+        out["lossless"] = sum(c["identical"] for c in checks) / len(checks)
+        out["near_tie"] = sum(bool(c.get("near_tie")) for c in checks) / len(checks)
+        out["diverged"] = 1.0 - out["lossless"] - out["near_tie"]
+    past = [p for c in choices for p in c.get("past_context", [])]
+    out["turns_past_context"] = sum(p > 0 for p in past)
+    out["turns_stopped_at_context"] = sum(r == "context" for c in choices for r in c.get("stop_reason", []))
     return out
 
 
@@ -220,10 +231,10 @@ def summarize(records: list[dict], task_order: Iterable[str]) -> dict:
 def format_table(tasks: dict) -> str:
     """Console table: one row per task."""
     cols = [("task", None), ("n", "{:d}"), ("mat", "{:.2f}"), ("tokens_per_s", "{:.2f}"),
-            ("baseline_tokens_per_s", "{:.2f}"), ("speedup", "{:.3f}x"), ("lossless", "{:.0%}"),
+            ("baseline_tokens_per_s", "{:.2f}"), ("speedup", "{:.3f}x"), ("lossless", "{:.0%}"), ("near_tie", "{:.0%}"),
             ("bound", "{:.3f}x"), ("efficiency", "{:.0%}"), ("proposer_share", "{:.1%}"),
             ("proposer_ms_mean", "{:.3f}"), ("proposer_ms_p95", "{:.3f}"), ("device_ms_mean", "{:.3f}")]
-    header = ["task", "n", "MAT", "tok/s", "AR tok/s", "speedup", "lossless", "bound", "eff.", "proposer",
+    header = ["task", "n", "MAT", "tok/s", "AR tok/s", "speedup", "identical", "near tie", "bound", "eff.", "proposer",
               "prop. ms", "p95 ms", "device ms"]
     rows = []
     for name, agg in tasks.items():

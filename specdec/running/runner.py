@@ -29,7 +29,8 @@ from specdec.backends import backend_of, one_row_kernels
 from specdec.verify.decode import Generation, Stopwatch, generate
 from specdec.drafters import build_drafter
 from specdec.errors import UserError
-from specdec.models import default_cache_dir, load_model, resolve_device, resolve_dtype, vocab_size
+from specdec.models import default_cache_dir, load_model, near_tie_gap, resolve_device, resolve_dtype, vocab_size
+from specdec.running.context import ContextPolicy
 from specdec.running.prompts import PromptBuilder, stop_ids
 from specdec.verify.proposer import MethodEnv, Proposer, build_proposer
 from specdec.running.results import SCHEMA_VERSION, AnswerFile, answer_record, format_table, summarize, write_json
@@ -62,13 +63,13 @@ class Runner:
                                                 cfg.model.get("attn_implementation", "sdpa"), default_cache_dir(),
                                                 backend=str(cfg.backend))
         self.target = Target(self.model)
-        if self.target.backend == "compile":
-            warm(self.target)  # compile before anything is timed; the log shows how long it took
         self.prompts = PromptBuilder(self.tokenizer, cfg.model.get("chat_template"))
         self.stops = stop_ids(self.tokenizer, self.model.generation_config)
-        self.context_len = getattr(self.model.config, "max_position_embeddings", None)
+        self.context = ContextPolicy.of(self.model, str(cfg.context_policy))
         self.clock = Stopwatch(self.device)
         self.proposer = self.build(cfg)
+        if self.target.backend == "compile":  # compile the method's tree sizes before anything is timed (logged)
+            warm(self.target, self.proposer.tree_sizes())
         self.baseline = Proposer(self.proposer.env) if cfg.baseline == "paired" else None
 
     def build(self, cfg: DictConfig) -> Proposer:
@@ -84,10 +85,9 @@ class Runner:
                         auto_budget=plain("auto_budget"))
         return build_proposer(OmegaConf.to_container(cfg.method, resolve=True), env)
 
-    def check_fits(self, question: dict, prompt_ids: list[int]) -> None:
-        if self.context_len and len(prompt_ids) + int(self.cfg.max_new_tokens) > self.context_len:
-            raise UserError(f"question {question['question_id']}: prompt of {len(prompt_ids)} tokens + "
-                            f"max_new_tokens={self.cfg.max_new_tokens} exceeds the model's context of {self.context_len}")
+    def new_token_cap(self, question: dict, prompt_ids: list[int]) -> int:
+        """This turn's new-token budget under ``context_policy`` (specdec/running/context.py); raises when refused."""
+        return self.context.new_token_cap(question["question_id"], len(prompt_ids), int(self.cfg.max_new_tokens))
 
     def answer(self, question: dict, proposer: Proposer, seed: int) -> Answer:
         """Every turn of ``question``; each turn's random streams (acceptance here, drafting in the proposer
@@ -97,13 +97,16 @@ class Runner:
         texts, gens, prompts = [], [], []
         for turn in range(len(question["turns"])):
             prompt_ids = self.prompts.ids(question["turns"][:turn + 1], texts)
-            self.check_fits(question, prompt_ids)
+            cap = self.new_token_cap(question, prompt_ids)
             proposer.reset("turn")
             turn_seed = seed * 1000 + turn
             rule = make_rule(self.cfg.temperature, self.cfg.top_k, self.cfg.top_p,
                              torch.Generator().manual_seed(turn_seed))
-            gen = generate(self.target, proposer, prompt_ids, int(self.cfg.max_new_tokens), self.stops, rule, self.clock,
-                           seed=turn_seed)
+            gen = generate(self.target, proposer, prompt_ids, cap, self.stops, rule, self.clock,
+                           seed=turn_seed) if cap else Generation()
+            if cap < int(self.cfg.max_new_tokens) and gen.stop_reason == "max_new_tokens":
+                gen.stop_reason = "context"
+            gen.prompt_tokens, gen.past_context = len(prompt_ids), self.context.past(len(prompt_ids), gen.new_tokens)
             texts.append(self.prompts.answer_text(gen.output_ids))
             gens.append(gen)
             prompts.append(prompt_ids)
@@ -111,8 +114,10 @@ class Runner:
 
     @torch.inference_mode()
     def divergence(self, method: Answer, baseline: Answer) -> dict:
-        """First turn/position where the method's ids leave the baseline's, and the target's top-2
-        logit gap there (a near-tie hints at numerics, a wide gap at a verifier bug)."""
+        """First turn/position where the method's ids leave the baseline's, the target's top-2 logit gap
+        there, and whether that is a ``near_tie`` (gap below ``near_tie_gap(dtype)``: numerics may flip it)
+        or a real divergence (a wide gap: a verifier or method bug)."""
+        threshold = near_tie_gap(self.dtype)
         for turn, (ours, ref) in enumerate(zip(method.gens, baseline.gens)):
             if ours.output_ids == ref.output_ids:
                 continue
@@ -120,8 +125,11 @@ class Runner:
                        min(len(ours.output_ids), len(ref.output_ids)))
             ids = torch.tensor([baseline.prompts[turn] + ref.output_ids[:pos]], device=self.device)
             top2 = self.model(input_ids=ids, logits_to_keep=1).logits[0, -1].float().topk(2).values
-            return {"identical": False, "turn": turn, "position": pos, "top2_logit_gap": float(top2[0] - top2[1])}
-        return {"identical": True, "turn": None, "position": None, "top2_logit_gap": None}
+            gap = float(top2[0] - top2[1])
+            return {"identical": False, "near_tie": gap < threshold, "turn": turn, "position": pos,
+                    "top2_logit_gap": gap, "near_tie_threshold": threshold}
+        return {"identical": True, "near_tie": False, "turn": None, "position": None, "top2_logit_gap": None,
+                "near_tie_threshold": threshold}
 
     def warm_up(self, question: dict) -> None:
         """Untimed generations on the first question (kernels, allocator, caches; Spec-Bench runs 3)."""
@@ -165,7 +173,7 @@ def environment(runner: Runner) -> dict:
 # What a run dir's answers depend on: every session of one run dir must agree on these. How a session
 # runs (device, back end, threads, logger) may differ and is recorded in its ``env`` instead.
 RESULT_KEYS = ("model", "method", "drafter", "auto_budget", "task", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
-               "dtype", "baseline", "warmup", "warmup_keeps_state")
+               "dtype", "baseline", "warmup", "warmup_keeps_state", "context_policy")
 
 
 def run_identity(cfg: DictConfig) -> dict:
@@ -253,7 +261,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     answers = AnswerFile(run_dir / "answers.jsonl")
     todo = [q for q in questions if q["question_id"] not in answers.done]
     for q in todo:
-        runner.check_fits(q, runner.prompts.ids(q["turns"][:1], []))
+        runner.new_token_cap(q, runner.prompts.ids(q["turns"][:1], []))  # a refused question fails before any runs
     if answers.records:
         log.info("resuming: %d of %d questions already in %s", len(answers.records), len(questions), answers.path)
     sessions = record_session(run_dir / "sessions.jsonl", environment(runner), len(answers.records), cfg)

@@ -46,7 +46,7 @@ NUMERIC: dict[str, tuple[type, Callable[[float], bool], str, bool]] = {
     "threads": (int, lambda v: v >= 0, ">= 0 or null (null/0 = torch's default)", True),
     "warmup": (int, lambda v: v >= 0, ">= 0", False),
 }
-CHOICES = {"baseline": ("paired", "none")}
+CHOICES = {"baseline": ("paired", "none"), "context_policy": ("extend", "stop", "refuse")}
 FLAGS = ("warmup_keeps_state",)
 
 

@@ -2,7 +2,8 @@
 
     python -m specdec.training head=kangaroo model=smollm2-135m exit_layer=2   # the committed adapter's command
     python -m specdec.training head=eagle model=smollm2-135m                  # reuses the same teacher cache
-    make train-kangaroo / make train-eagle                                 # the committed checkpoints
+    python -m specdec.training head=medusa|hydra model=smollm2-135m ...       # Medusa-1 / Hydra heads (same cache)
+    make train-kangaroo / make train-eagle / make train-medusa / make train-hydra   # the committed checkpoints
 
 Arguments are ``key=value`` pairs of ``TrainConfig`` (a typo fails with one line). Steps:
 
@@ -21,6 +22,9 @@ Arguments are ``key=value`` pairs of ``TrainConfig`` (a typo fails with one line
    distribution and the draft's (``train.py`` of the release); EAGLE = smooth-L1 feature regression
    + ``ce_weight`` x soft cross-entropy (EAGLE's ``v_w = 1``, ``p_w = 0.1``; a larger weight is our knob for
    short runs), with uniform noise U(-0.1, 0.1) on the input features (EAGLE's data augmentation).
+   Medusa-1 / Hydra heads (``multi_head_terms``): head k at position t guesses token t+2+k; Medusa-1 = cross-entropy
+   against the dataset's token (``head_decay``^k weights), Hydra++ = soft cross-entropy against the target's own
+   distribution at t+1+k (distillation), the draft tokens it reads teacher-forced.
 4. AdamW β = (0.9, 0.95), gradient value clipping 0.5 (both as released), linear warm-up then cosine
    decay (our choice for a short CPU run; the release warms up over 2000 of a nominal 800k steps, i.e.
    a near-constant lr that only a 24-GPU-hour budget can afford) with a larger lr (``lr``).
@@ -52,7 +56,7 @@ from tqdm import tqdm
 
 from specdec import PROJECT_ROOT
 from specdec.errors import UserError
-from specdec.verify.layers import LayerRunner
+from specdec.verify.layers import LayerRunner, attention_mask, causal_ancestors
 
 log = logging.getLogger(__name__)
 UNCHECKED = ("out_dir", "save", "wandb")  # settings a resumed run may change (they do not affect the weights)
@@ -62,7 +66,7 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assist
 
 @dataclass
 class TrainConfig:
-    head: str = "kangaroo"            # kangaroo | eagle
+    head: str = "kangaroo"            # kangaroo | eagle | medusa | hydra
     model: str = "smollm2-135m"       # a conf/model/<name>.yaml, or a hub id / local dir
     exit_layer: int = 2               # ℓ: the adapter reads layer ℓ's input states (Kangaroo: 2 for Vicuna-7B)
     corpus: str = "sharegpt"          # specdec.running.corpus source
@@ -84,6 +88,13 @@ class TrainConfig:
     wandb: str = "offline"            # offline | online | disabled
     device: str = "cpu"
     dtype: str = "float32"
+    # Medusa-1 / Hydra heads only (specdec/drafters/medusa.py)
+    num_heads: int = 4                # heads = tokens guessed ahead (Spec-Bench runs 4 Medusa heads; Hydra++ trains 4)
+    head_layers: int = 0              # residual blocks per head; 0 = as released (Medusa-1: 1, Hydra++: 4)
+    hydra_arch: str = "prefix-mlp"    # hydra: prefix-mlp (Hydra++: a prefix decoder layer) | mlp (plain grounded heads)
+    lm_head: str = "shared"           # shared = the target's frozen LM head [design: fits 10 MB] | own (as released)
+    head_decay: float = 1.0           # medusa: head k's loss weight decay^k (1 = released code's plain sum; paper: 0.8)
+    dropout: float = 0.0              # hydra: dropout before every block and the projection (Hydra++ README: 0.2)
 
 
 def parse_args(argv: list[str]) -> TrainConfig:
@@ -99,8 +110,10 @@ def parse_args(argv: list[str]) -> TrainConfig:
         except ValueError:
             raise UserError(f"{key}={value!r} is not a {kind.__name__}") from None
     cfg = TrainConfig(**values)
-    if cfg.head not in ("kangaroo", "eagle"):
-        raise UserError(f"head={cfg.head!r}: use kangaroo or eagle")
+    if cfg.head not in ("kangaroo", "eagle", *MULTI_HEADS):
+        raise UserError(f"head={cfg.head!r}: use kangaroo, eagle, medusa or hydra")
+    if cfg.lm_head not in ("shared", "own"):
+        raise UserError(f"lm_head={cfg.lm_head!r}: use shared or own")
     return cfg
 
 
@@ -289,6 +302,9 @@ def soft_ce_and_accept(draft_logits, target_logits):
 
 def head_loss(head, lm_head, item: dict, device, dtype, noise: torch.Generator | None = None, ce_weight: float = 0.1):
     """(loss, accept rates ``[N]``, top-1 agreements ``[N]``) of one cached conversation."""
+    if head.kind in MULTI_HEADS:  # Medusa-1 / Hydra: summed over heads, positions of every head pooled
+        terms = multi_head_terms(head, lm_head, item, device, dtype)
+        return sum(t[0] for t in terms), torch.cat([t[1] for t in terms]), torch.cat([t[2] for t in terms])
     final = item["final"].to(device, dtype)                      # [n, H] post-norm last states
     n = final.shape[0]
     pos = torch.arange(n, device=device)[None]
@@ -315,6 +331,8 @@ def head_loss(head, lm_head, item: dict, device, dtype, noise: torch.Generator |
 
 @torch.no_grad()
 def evaluate(head, lm_head, items: list[dict], device, dtype, ce_weight: float = 0.1) -> dict:
+    if head.kind in MULTI_HEADS:
+        return evaluate_heads(head, lm_head, items, device, dtype)
     head.eval()
     losses, accepts, top1s = [], [], []
     for item in items:
@@ -325,6 +343,115 @@ def evaluate(head, lm_head, items: list[dict], device, dtype, ce_weight: float =
     head.train()
     return {"loss": sum(losses) / len(losses), "accept_rate": torch.cat(accepts).mean().item(),
             "top1": torch.cat(top1s).mean().item(), "positions": sum(len(a) for a in accepts)}
+
+
+# ---------------------------------------------------------------- Medusa-1 / Hydra heads (several tokens ahead)
+MULTI_HEADS = ("medusa", "hydra")
+
+
+def build_head(cfg: TrainConfig, model):
+    """The head ``cfg.head`` around ``model``: a Kangaroo adapter / EAGLE head (``heads.HEADS``), or Medusa-1 /
+    Hydra heads with the command's knobs (``head_decay`` rides on the heads as ``train_decay``)."""
+    from specdec.drafters.heads import HEADS
+    from specdec.drafters.medusa import HydraHeads, MedusaHeads
+
+    if cfg.head == "medusa":
+        head = MedusaHeads(model, cfg.num_heads, cfg.head_layers or 1, cfg.lm_head == "shared")
+    elif cfg.head == "hydra":
+        head = HydraHeads(model, cfg.num_heads, cfg.head_layers or 4, cfg.hydra_arch, cfg.lm_head == "shared",
+                          cfg.dropout)
+    else:
+        return HEADS[cfg.head](model, cfg.exit_layer)
+    head.train_decay = cfg.head_decay
+    return head
+
+
+def multi_head_terms(head, lm_head, item: dict, device, dtype) -> list[tuple]:
+    """Per head k: (loss_k, accept rates [n_k], top-1 agreements [n_k]) over the positions t whose token t+2+k
+    is an assistant token (the only ones with a label, as both releases' masks).
+
+    * Medusa-1 (``FasterDecoding/Medusa`` ``medusa/train/train_legacy.py`` ``CustomizedTrainer.compute_loss``):
+      head k reads the target's feature at t; its loss is the cross-entropy against the dataset's token t+2+k,
+      times ``decay^k`` (released code: 1, a plain sum; the paper: 0.8).
+    * Hydra++ (``zankner/Hydra`` ``hydra/train/train.py`` ``_score_preds`` with teacher weight 1, lm and
+      reconstruction weights 0): head k reads [z_t, E(x_{t+1}), ..., E(x_{t+1+k})] with the dataset's tokens
+      (teacher forcing); its loss is the soft cross-entropy against the target's distribution at t+1+k.
+
+    Accept rate sum_v min(p, q) and top-1 agreement are against the target's distribution at t+1+k (its own
+    prediction of token t+2+k given the true prefix), for both kinds."""
+    final = item["final"].to(device, dtype)                       # [n, H] post-norm last states
+    ids, assistant = item["ids"].to(device), item["assistant"].to(device)
+    n = final.shape[0]
+    if head.kind == "hydra":  # an explicit causal mask: eager attention adds no causal mask of its own
+        causal = attention_mask(causal_ancestors(n, device), 0, dtype)
+        z = head.prefix_states(final[None], torch.arange(n, device=device)[None], causal)[0]    # [n, H]
+        embedded = head.embed(ids).to(dtype)                                          # [n, H]
+    decay = getattr(head, "train_decay", 1.0)
+    terms = []
+    for k in range(head.num_heads):
+        shift = k + 2
+        t = torch.arange(max(n - shift, 0), device=device)[assistant[shift:]]          # positions with a label
+        if head.kind == "medusa":
+            logits = head.head_logits(k, final[t])
+        else:
+            logits = head.head_logits(k, torch.cat([z[t]] + [embedded[t + j] for j in range(1, k + 2)], dim=-1))
+        with torch.no_grad():
+            target_logits = lm_head(final[t + shift - 1])
+        soft_ce, accept, top1 = soft_ce_and_accept(logits, target_logits)
+        if not len(t):
+            loss = logits.sum() * 0.0
+        elif head.kind == "medusa":
+            loss = decay ** k * F.cross_entropy(logits.float(), ids[t + shift])
+        else:
+            loss = soft_ce.mean()
+        terms.append((loss, accept, top1))
+    return terms
+
+
+@torch.no_grad()
+def evaluate_heads(head, lm_head, items: list[dict], device, dtype) -> dict:
+    """``evaluate`` for Medusa-1 / Hydra heads: pooled figures plus each head's accept rate and top-1."""
+    head.eval()
+    losses, accepts, top1s = [], [[] for _ in range(head.num_heads)], [[] for _ in range(head.num_heads)]
+    for item in items:
+        terms = multi_head_terms(head, lm_head, item, device, dtype)
+        losses.append(sum(t[0] for t in terms).item())
+        for k, (_, accept, top1) in enumerate(terms):
+            accepts[k].append(accept)
+            top1s[k].append(top1)
+    head.train()
+    per_head = [torch.cat(a) for a in accepts], [torch.cat(t) for t in top1s]
+    return {"loss": sum(losses) / len(losses), "accept_rate": torch.cat(per_head[0]).mean().item(),
+            "top1": torch.cat(per_head[1]).mean().item(), "positions": sum(len(a) for a in per_head[0]),
+            "accept_rate_per_head": [a.mean().item() for a in per_head[0]],
+            "top1_per_head": [t.mean().item() for t in per_head[1]]}
+
+
+def describe_head(cfg: dict) -> str:
+    """The card's one-line description of the trained head."""
+    if cfg["head"] == "kangaroo":
+        return f"Kangaroo adapter (one attention block + two RMSNorms, no MLP) on layer {cfg['exit_layer']}'s states"
+    if cfg["head"] == "eagle":
+        return "EAGLE head (fc + one decoder layer)"
+    lm = ("the target's frozen LM head (shared; a deviation from the release, which gives every head its own, "
+          "so that the heads fit 10 MB)" if cfg["lm_head"] == "shared" else "its own LM head (as released)")
+    if cfg["head"] == "medusa":
+        return (f"Medusa-1 heads ({cfg['num_heads']} heads of {cfg['head_layers'] or 1} residual block(s), each with "
+                f"{lm}; loss weights {cfg['head_decay']}^k)")
+    arch = ("Hydra++ prefix decoder layer" if cfg["hydra_arch"] == "prefix-mlp"
+            else "no prefix layer: the plain grounded Hydra heads (arch mlp)")
+    return (f"Hydra heads ({cfg['num_heads']} sequentially dependent heads of {cfg['head_layers'] or 4} blocks, "
+            f"{arch}, each with {lm}; dropout {cfg['dropout']}; distilled from the target)")
+
+
+def per_head_card_lines(s: dict) -> str:
+    """Card lines with each head's held-out figures (Medusa-1 / Hydra), else nothing."""
+    if "heldout_accept_rate_per_head" not in s:
+        return ""
+    rates = ", ".join(f"{r:.4f}" for r in s["heldout_accept_rate_per_head"])
+    top1 = ", ".join(f"{r:.4f}" for r in s["heldout_top1_per_head"])
+    return (f"- Per head (head k guesses the token k+2 after the feature's position; teacher-forced, i.e. given that "
+            f"the earlier tokens were right): accept rate [{rates}], top-1 [{top1}].\n")
 
 
 # ---------------------------------------------------------------- training
@@ -366,7 +493,7 @@ def train(cfg: TrainConfig, model=None, tok=None, label: str | None = None, conv
     """Run (or resume) one training job; returns the final record (also written beside the head).
     Tests pass a tiny ``model`` and ready-made ``convs`` [(ids [n], assistant [n] bool)] instead of the corpus.
     Process-wide settings (``cfg.threads``) are the command line's (``main``), not this function's."""
-    from specdec.drafters.heads import HEADS, head_file, save_head
+    from specdec.drafters.heads import head_file, save_head
     from specdec.models import default_cache_dir, load_model, resolve_device, resolve_dtype
 
     t_start = time.time()
@@ -399,7 +526,7 @@ def train(cfg: TrainConfig, model=None, tok=None, label: str | None = None, conv
 
     # 3-4. head, optimiser, resume
     torch.manual_seed(cfg.seed)
-    head = HEADS[cfg.head](model, cfg.exit_layer)
+    head = build_head(cfg, model)
     init_from_target(head, model)
     head.train()
     if cfg.head == "eagle":
@@ -476,7 +603,11 @@ def train(cfg: TrainConfig, model=None, tok=None, label: str | None = None, conv
                "wall_time_s_this_process": round(time.time() - t_start, 1), "history": history,
                "threads": torch.get_num_threads(),
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__}
-    path = save_head(head, save, label, {"train": {k: summary[k] for k in
+    if "accept_rate_per_head" in final:  # Medusa-1 / Hydra heads: each head's figures
+        summary.update(heldout_accept_rate_per_head=final["accept_rate_per_head"],
+                       heldout_top1_per_head=final["top1_per_head"])
+    shape = head.meta() if head.kind in MULTI_HEADS else {}  # the heads' own keys (num_heads, ...) for loading
+    path = save_head(head, save, label, {**shape, "train": {k: summary[k] for k in
                                                    ("train_tokens", "steps", "heldout_accept_rate", "heldout_top1")}})
     write_card(head_file(path, ".md"), summary)
     # the project's own heads (default save) also leave their curve in runs/train/ for `make figures`
@@ -492,8 +623,7 @@ def write_card(path: Path, s: dict) -> None:
     cfg = s["config"]
     curve = "\n".join(f"| {h['step']} | {h['tokens']} | {h['accept_rate']:.4f} | {h['top1']:.4f} |"
                       for h in s["history"])
-    what = ("Kangaroo adapter (one attention block + two RMSNorms, no MLP) on layer "
-            f"{cfg['exit_layer']}'s states" if cfg["head"] == "kangaroo" else "EAGLE head (fc + one decoder layer)")
+    what = describe_head(cfg)
     path.write_text(f"""# {head_stem(path).name}
 
 {what} of `{cfg['model']}`, trained by this project's own command (card written by it):
@@ -512,7 +642,7 @@ def write_card(path: Path, s: dict) -> None:
 - Held-out accept rate Σ min(p_target, p_draft): **{s['heldout_accept_rate']:.4f}** (at init
   {s['heldout_accept_rate_at_init']:.4f}); top-1 agreement with the target: **{s['heldout_top1']:.4f}**
   (at init {s['heldout_top1_at_init']:.4f}).
-
+{per_head_card_lines(s)}
 | step | tokens seen | held-out accept rate | held-out top-1 |
 |---|---|---|---|
 {curve}

@@ -43,23 +43,36 @@ from specdec.verify.tree import CHAIN_SAMPLED, DETERMINISTIC, IID, IID_KSEQ, MUL
 
 
 class Greedy:
-    """Longest draft path matching the target's argmax chain, plus the bonus argmax token."""
+    """Longest draft path matching the target's argmax chain, plus the bonus argmax token.
+
+    Computed on the logits' device and read back once per step (docs/verifier.md §6): a node is accepted iff
+    every node on its root path holds the argmax at its parent (one masked reduction over the ancestor
+    matrix); the deepest accepted node wins, ties to the smallest index (``argmax`` returns the first
+    maximum); one ``tolist`` brings back its ancestor row (the path), the bonus token and, unless the
+    tree already knows them, the tree's token ids (left in ``tree.token_list`` for the commit)."""
 
     lossless = True
 
     def __call__(self, tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
-        pred = logits.argmax(-1)  # [T]
+        tree = tree.to(logits.device)
+        pred = self.argmax(logits)  # [T]
         if tree.size == 1:
             return [0], int(pred[0])
-        match = (tree.tokens[1:] == pred[tree.parents[1:]]).tolist()  # [T-1]: child == argmax at parent
-        parents, depth = tree.parent_list, tree.depth.tolist()
-        ok = [True] + [False] * (tree.size - 1)
-        best = 0
-        for i in range(1, tree.size):
-            ok[i] = match[i - 1] and ok[parents[i]]
-            if ok[i] and depth[i] > depth[best]:
-                best = i
-        return tree.path_to(best), int(pred[best])
+        match = tree.tokens == pred[tree.parents.clamp_min(0)]       # [T]: node == argmax at its parent
+        match[0] = True
+        ok = ~(tree.ancestors & ~match).any(1)                         # [T]: the whole root path matches
+        best = torch.where(ok, tree.depth, -1).argmax().view(1)        # deepest, first in index order
+        parts = [tree.ancestors.index_select(0, best)[0].long(), pred.index_select(0, best)]
+        known = "token_list" in tree.__dict__
+        values = torch.cat(parts if known else parts + [tree.tokens]).tolist()
+        T = tree.size
+        if not known:
+            tree.__dict__["token_list"] = values[T + 1:]
+        return [j for j in range(T) if values[j]], values[T]
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """The target's argmax after every node [T] (the rule's one T x V pass; a benchmark may time it apart)."""
+        return logits.argmax(-1)
 
 
 def sampling_processors(temperature: float, top_k: int = 0, top_p: float = 1.0) -> LogitsProcessorList:
@@ -382,7 +395,7 @@ class Sampling:
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
     def __call__(self, tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
-        tokens = tree.tokens.tolist()
+        tokens = tree.token_list
         node, path = 0, [0]
         while True:
             target_probs = self.target_probs(logits[node])

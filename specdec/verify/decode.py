@@ -100,7 +100,7 @@ class Generation:
 
     output_ids: list[int] = field(default_factory=list)
     accept_lengths: list[int] = field(default_factory=list)  # committed tokens per verify step
-    tree_sizes: list[int] = field(default_factory=list)      # tokens per verify forward (root included)
+    tree_sizes: list[int] = field(default_factory=list)      # tokens per verify forward (root and side rows included)
     wall_time: float = 0.0     # prefill + all steps (Spec-Bench's wall_time); no (de)tokenization
     prefill_time: float = 0.0
     draft_time: float = 0.0    # proposer.propose
@@ -112,7 +112,9 @@ class Generation:
     step_draft_times: list[float] = field(default_factory=list)
     step_update_times: list[float] = field(default_factory=list)
     step_device_times: list[float] = field(default_factory=list)
-    stop_reason: str = "max_new_tokens"
+    stop_reason: str = "max_new_tokens"   # eos | max_new_tokens | context (the runner's context_policy=stop)
+    prompt_tokens: int = 0     # set by the runner: the turn's prompt length
+    past_context: int = 0      # set by the runner: committed positions past the target's trained length
 
     @property
     def new_tokens(self) -> int:
@@ -151,25 +153,25 @@ def generate(target: Target, proposer: Proposer, prompt_ids: list[int], max_new_
     try:
         while ctx.remaining > 0:
             work.where = (gen.steps, 0)
-            tree = proposer.propose(ctx)
+            tree = target.place(proposer.propose(ctx))        # on the model's device (a copy only if it is not)
             drafted = clock.mark()
             logits = target.score(tree)                       # [T, V] float32
             path, bonus = rule(tree, logits)
             verified = clock.mark()
-            candidates = tree.tokens[path[1:]].tolist() + [bonus]
-            kept, hit_stop = truncate(candidates, ctx.remaining, stop_ids)
+            tokens = tree.token_list                          # the rule has read them (greedy) or they were known
+            kept, hit_stop = truncate([tokens[i] for i in path[1:]] + [bonus], ctx.remaining, stop_ids)
             target.commit(tree, path)
             ctx.tokens.extend(kept)
             if ctx.hidden is not None:  # the new tokens[:-1] rows: the root and the accepted nodes kept
-                ctx.hidden = torch.cat([ctx.hidden, target.hidden[path[:len(kept)]]])
+                ctx.hidden = torch.cat([ctx.hidden, target.hidden.index_select(0, tree.path_index(path)[:len(kept)])])
             ctx.remaining -= len(kept)
             done = hit_stop or ctx.remaining == 0
             committed = clock.mark()
             work.where = (gen.steps, 1)
-            proposer.observe(StepResult(tree, logits, path, kept, final=done))
+            proposer.observe(StepResult(tree, logits, path, kept, final=done, side_logits=target.side_logits))
             marks += [drafted, verified, committed, clock.mark()]
             gen.accept_lengths.append(len(kept))
-            gen.tree_sizes.append(tree.size)
+            gen.tree_sizes.append(tree.forward_rows)          # side rows included: the forward's width
             if hit_stop:
                 gen.stop_reason = "eos"
                 break

@@ -31,6 +31,16 @@ from specdec.errors import SettingError, UserError
 from specdec.verify.tree import DraftTree
 
 SCOPES = ("run", "question", "turn")
+WARM_SIZES = (1, 2, 4, 8, 16)  # verify sizes warmed for a proposer that does not say which it uses
+
+
+def sizes_up_to(largest: int) -> tuple[int, ...]:
+    """1, 2, 4, ... below ``largest``, then ``largest``: the verify sizes of trees that vary up to ``largest``."""
+    sizes, n = [], 1
+    while n < largest:
+        sizes.append(n)
+        n *= 2
+    return tuple(sizes + [max(1, int(largest))])
 
 
 @dataclass
@@ -63,6 +73,9 @@ class StepResult:
     path: list[int]       # accepted node indices, root first (path[0] == 0)
     committed: list[int]  # tokens committed this step: accepted drafts + bonus, after truncation
     final: bool = False   # the generation ends after this step (stop token or length)
+    # float32 [K, V]: raw target logits of the tree's wanted side rows (``tree.side.wanted`` order), None without
+    # side rows (docs/verifier.md §10.1). Never seen by the acceptance rules.
+    side_logits: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +126,12 @@ class Proposer:
     def stats(self) -> dict:
         """Figures recorded in the run summary (e.g. table memory)."""
         return {}
+
+    def tree_sizes(self) -> tuple[int, ...]:
+        """Tokens per verify forward (root included) this proposer's trees take: ``specdec.verify.target.warm``
+        runs each before timing (``backend=compile`` compiles them). Static trees return their size, growing
+        ones ``sizes_up_to`` their budget; the default ``WARM_SIZES`` suits anything."""
+        return WARM_SIZES
 
 
 _REGISTRY: dict[str, type[Proposer]] = {}

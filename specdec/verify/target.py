@@ -13,6 +13,9 @@ eager; never flash-attention, which ignores tree masks). Implements docs/verifie
   cache: ``score`` refuses any forward that would fill a sliding layer past that (``UserError``, one line)
   and ``commit`` refuses a cache whose layers do not hold every committed row. Below the window they are
   exact (tests/test_architectures.py).
+* side rows (``DraftTree.side``, docs/verifier.md §10.1) are appended after the tree rows in the same forward
+  (mask ``[1, 1, T + S, P + T + S]``); ``score`` returns the tree's logits and leaves the wanted side rows'
+  logits in ``side_logits``; ``commit`` drops their K/V with the rejected tree rows.
 * the model may sit on any back end of ``specdec.backends`` (eager, oneDNN-prepacked linears, compiled);
   the mask, positions and compaction here are the same on all of them.
 * on CPU, masked SDPA calls of grouped-query-attention models run the kernel's own GQA
@@ -71,6 +74,9 @@ class Target:
         # ``hidden`` [n, H], captured by a forward hook -- no other layer's states are materialised.
         self.keep_hidden = False
         self.hidden: torch.Tensor | None = None
+        # Logits of the last scored tree's wanted side rows, float32 [K, V] in ``tree.side.wanted`` order; None
+        # when it had no side rows (docs/verifier.md §10.1).
+        self.side_logits: torch.Tensor | None = None
         self._runner = None  # layers.LayerRunner, built on the first partial-depth verification (score_from)
 
     @property
@@ -106,21 +112,57 @@ class Target:
             self.hidden = (torch.zeros(0, self.model.config.hidden_size, device=self.device, dtype=self.dtype)
                            if self.keep_hidden else None)
 
+    def place(self, tree: DraftTree) -> DraftTree:
+        """``tree`` with its index tensors on the model's device (``DraftTree.to``: the same object when they are
+        there already). The decode loop places every proposed tree once, so the forward, the acceptance rule and
+        the commit all read device tensors; proposers should build trees on ``MethodEnv.device`` to skip the copy."""
+        return tree.to(self.device)
+
     @torch.inference_mode()
     def score(self, tree: DraftTree) -> torch.Tensor:
-        """One forward over all tree nodes. Returns float32 logits ``[T, V]``; the cache grows by T."""
+        """One forward over all tree nodes. Returns float32 logits ``[T, V]``; the cache grows by T (by T + S with
+        S side rows, whose logits go to ``side_logits``). The inputs are made on the model's device from the
+        (placed) tree: positions ``P + depth``, the mask from its ancestor matrix; no host copy."""
+        tree = self.place(tree)
         P = self.cache_len
-        self.check_room(tree.size)
+        self.check_room(tree.forward_rows)
+        self.side_logits = None
+        if tree.side is not None:
+            if tree.shallow is not None:
+                raise UserError("a tree cannot carry both side rows and shallow states: partial-depth "
+                                "verification (Kangaroo) does not support side rows")
+            return self._score_with_side(tree, P)
         if tree.shallow is not None:  # Kangaroo: resume at layer ℓ from the drafter's states (docs/verifier.md §10)
             return self.score_from(tree, tree.shallow)
         with self._tap_hidden():
             if tree.size == 1:  # the plain one-token step: no mask needed, causal == tree
-                out = self.model(input_ids=tree.tokens[None], position_ids=torch.tensor([[P]], device=self.device),
+                out = self.model(input_ids=tree.tokens[None], position_ids=(P + tree.depth)[None],
                                  past_key_values=self.cache, use_cache=True)
             else:
                 out = self.model(input_ids=tree.tokens[None], attention_mask=self.tree_mask(tree, P),
                                  position_ids=(P + tree.depth)[None], past_key_values=self.cache, use_cache=True)
         return out.logits[0].float()
+
+    def _score_with_side(self, tree: DraftTree, P: int) -> torch.Tensor:
+        """``score`` for a tree with side rows: T tree rows then S side rows in one forward (docs/verifier.md
+        §10.1). Tree rows see the prefix and their ancestors; side rows the prefix and what ``side.sees`` names.
+        The LM head runs on the tree rows and the wanted side rows only (``logits_to_keep``). Returns the tree's
+        float32 logits [T, V] and leaves the side rows' in ``side_logits`` [K, V]; the cache grows by T + S."""
+        side, T = tree.side, tree.size
+        visible = torch.zeros(T + side.size, T + side.size, dtype=torch.bool, device=self.device)
+        visible[:T, :T] = tree.ancestors
+        visible[T:] = side.sees
+        keep = torch.cat([torch.arange(T, device=self.device), side.wanted + T])
+        with self._tap_hidden():
+            out = self.model(input_ids=torch.cat([tree.tokens, side.tokens])[None],
+                             attention_mask=attention_mask(visible, P, self.dtype),
+                             position_ids=(P + torch.cat([tree.depth, side.offsets]))[None],
+                             past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
+        if self.hidden is not None:
+            self.hidden = self.hidden[:T]
+        logits = out.logits[0].float()
+        self.side_logits = logits[T:]
+        return logits[:T]
 
     @torch.inference_mode()
     def score_from(self, tree: DraftTree, shallow: "ShallowStates") -> torch.Tensor:
@@ -167,16 +209,17 @@ class Target:
 
     @torch.inference_mode()
     def commit(self, tree: DraftTree, path: list[int]) -> None:
-        """Keep prefix + ``path`` (root-first node indices) in the cache; drop the other tree rows."""
-        P = self.cache_len - tree.size
-        n_drop = tree.size - len(path)
+        """Keep prefix + ``path`` (root-first node indices) in the cache; drop the other tree rows and every
+        side row (they sit after the tree rows)."""
+        P = self.cache_len - tree.forward_rows
+        n_drop = tree.forward_rows - len(path)
         if any(layer.keys.shape[-2] != self.cache_len for layer in self.cache.layers):
             raise UserError("a KV-cache layer does not hold every committed row (sliding window exceeded?): "
                             "the accepted path cannot be compacted")
         if path != list(range(len(path))):
             # Tail-only compaction: move the accepted rows down to P, P+1, ... (advanced indexing on
             # the right copies first, so overlapping source/destination is safe).
-            src = torch.tensor(path, device=self.device) + P
+            src = self.place(tree).path_index(path) + P  # read off the ancestor matrix on the device
             for layer in self.cache.layers:
                 layer.keys[..., P:P + len(path), :] = layer.keys[..., src, :]
                 layer.values[..., P:P + len(path), :] = layer.values[..., src, :]
@@ -184,15 +227,21 @@ class Target:
             self.cache.crop(-n_drop)
 
 
-def warm(target, sizes=(1, 2, 4, 8, 16)) -> float:
-    """Run untimed verify forwards of chain trees of ``sizes`` (compiles / allocates); returns seconds.
+def warm(target, sizes=None) -> float:
+    """Run untimed verify forwards of chain trees of ``sizes`` tokens (root included; a proposer's ``tree_sizes()``,
+    default ``specdec.verify.proposer.WARM_SIZES``; size 1, the AR baseline's step, is always added) so ``compile``
+    specialises before anything is timed (it compiles / allocates); returns seconds.
 
     Every size meets the three cache layouts of a generation, on which ``compile`` specialises the strides
     (seen: 1-2 minute recompiles inside timed steps): the transposed view a prefill leaves, the contiguous
     cache an appended step leaves, and the view a rejected tree's crop leaves. Leaves the target without a
     cache. For ``compile`` the first calls take long (logged)."""
+    from specdec.verify.proposer import WARM_SIZES
+
     start = time.perf_counter()
-    ids = list(range(10, 10 + 16 + 2 * max(sizes)))
+    sizes = sorted({1, *map(int, WARM_SIZES if sizes is None else sizes)})
+    vocab = target.model.get_output_embeddings().weight.shape[0]
+    ids = [(10 + i) % vocab for i in range(16 + 2 * max(sizes))]
     for n in sizes:
         target.prefill(ids[:17])
         for _ in range(2):  # after the prefill, after an append; after a crop, after an append
@@ -201,5 +250,5 @@ def warm(target, sizes=(1, 2, 4, 8, 16)) -> float:
             target.cache.crop(-n)
     target.cache = None
     seconds = time.perf_counter() - start
-    log.info("backend %s warm-up (%s tokens per forward): %.1f s", backend_of(target.model), list(sizes), seconds)
+    log.info("backend %s warm-up (%s tokens per forward): %.1f s", backend_of(target.model), sizes, seconds)
     return seconds
