@@ -73,11 +73,11 @@ train-eagle: install  ## train SmolLM2's EAGLE head on the same cached teacher s
 # Hydra: the 10 MB limit leaves room for 2 plain grounded heads (arch mlp, 8.2 MB; Hydra++'s prefix layer would add
 # 7.1 MB), 4 tied layers, dropout 0.2 as the Hydra++ README; lr 1e-3 (the release's 5e-4 is for 10 epochs on 8 GPUs).
 .PHONY: train-medusa train-hydra
-train-medusa: install  ## train SmolLM2's Medusa-1 heads (4 heads, shared LM head; ~75 min on 1 core) -> specdec/assets/medusa-smollm2-135m.*
-	OMP_NUM_THREADS=1 $(PY) -m specdec.training head=medusa model=smollm2-135m num_heads=4 lm_head=shared epochs=2 lr=1e-3 warmup=80 eval_every=200
+train-medusa: install  ## train SmolLM2's Medusa-1 heads (4 heads, shared LM head; 1 epoch of 400 conversations, ~30-45 min on 1 core) -> specdec/assets/medusa-smollm2-135m.*
+	OMP_NUM_THREADS=1 $(PY) -m specdec.training head=medusa model=smollm2-135m num_heads=4 lm_head=shared records=400 epochs=1 lr=1e-3 warmup=30 eval_every=100
 
-train-hydra: install  ## train SmolLM2's Hydra heads (2 grounded MLP heads, shared LM head; ~70 min on 1 core) -> specdec/assets/hydra-smollm2-135m.*
-	OMP_NUM_THREADS=1 $(PY) -m specdec.training head=hydra model=smollm2-135m num_heads=2 hydra_arch=mlp head_layers=4 lm_head=shared dropout=0.2 epochs=3 lr=1e-3 warmup=100 eval_every=200
+train-hydra: install  ## train SmolLM2's Hydra heads (2 grounded MLP heads, shared LM head; 1 epoch of 400 conversations, ~25-35 min on 1 core) -> specdec/assets/hydra-smollm2-135m.*
+	OMP_NUM_THREADS=1 $(PY) -m specdec.training head=hydra model=smollm2-135m num_heads=2 hydra_arch=mlp head_layers=4 lm_head=shared dropout=0.2 records=400 epochs=1 lr=1e-3 warmup=30 eval_every=100
 
 .PHONY: bench-backends
 bench-backends: install  ## target back ends side by side (compile: ~6 min of compiling first): onednn latency profile, t(N)/t(1), AR vs generate -> runs/bench/backends.json
@@ -90,6 +90,13 @@ bench-backends: install  ## target back ends side by side (compile: ~6 min of co
 .PHONY: bench-overhead
 bench-overhead: install  ## AR vs generate on a ~2 ms random target (goal >= 0.95x) + every method's host ms and syncs per step -> runs/bench/overhead.json
 	$(PY) -m specdec.measure.overhead --threads 1 --max-new-tokens 64 --rounds 2
+
+# FR-Spec (issue 25): the drafter's LM head cut to the k most frequent ShareGPT tokens (drafter.vocab=top-<k>);
+# per k draft ms per drafter forward, MAT and the tokens/s ratio to the paired AR, sps+kangaroo and eagle2+eagle, greedy,
+# the first question of each Spec-Bench task at 64 new tokens (the first run counts ShareGPT's tokens, ~75 s, cached)
+.PHONY: bench-fr-vocab
+bench-fr-vocab: install  ## FR-Spec draft vocabulary k in {4k, 8k, 16k, full}: draft ms per forward, MAT, x AR (sps+kangaroo, eagle2+eagle) -> runs/bench/fr_vocab.json
+	$(PY) -m specdec.measure.fr_vocab --threads $(BENCH_THREADS) --max-new-tokens 64 --rounds 1
 
 .PHONY: bench-peers
 bench-peers: install  ## llama.cpp plain + prompt lookup on the same GGUF beside our AR + pld (needs .[peers]) -> runs/bench/peers.json

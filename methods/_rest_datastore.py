@@ -43,9 +43,8 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from specdec.running.corpus import corpus_fingerprint, corpus_records, record_texts
-
-from ._trigram import publish_arrays, tokenize_documents, tokenizer_fingerprint
+from specdec.running.corpus import (corpus_fingerprint, corpus_records, publish_arrays, record_texts,
+                                    tokenize_documents, tokenizer_fingerprint)
 
 log = logging.getLogger(__name__)
 

@@ -22,33 +22,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
-from specdec.running.corpus import corpus_fingerprint, corpus_records, record_texts
+from specdec.running.corpus import (corpus_fingerprint, corpus_records, publish_arrays, record_texts,
+                                    tokenize_documents, tokenizer_fingerprint)
 
 log = logging.getLogger(__name__)
 
 SHIFT = 20                      # bits per token id in a key / triple code
 MASK = (1 << SHIFT) - 1
 FORMAT_VERSION = 1              # bump when the on-disk layout or the counting rule changes
-
-
-# ---------------------------------------------------------------------------------------------- identity
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the tokenizer's full definition (fast tokenizers) or of its vocabulary."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        blob = backend.to_str()
-    else:
-        blob = json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -76,34 +64,6 @@ def count_table(codes: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def tokenize_documents(tokenizer, texts: Iterable[str], batch_size: int = 512,
-                       progress: bool = True, total: Optional[int] = None) -> Iterator[list[int]]:
-    """Token ids of every document, in batches through the fast (Rust, batched) tokenizer."""
-    from tqdm import tqdm
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    batch: list[str] = []
-    bar = tqdm(total=total, unit="doc", desc="aded: tokenizing corpus", disable=not progress)
-
-    def flush():
-        if backend is not None:  # encode_batch_fast skips the offsets we do not need
-            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-            out = [enc.ids for enc in encode(batch, add_special_tokens=False)]
-        else:
-            out = tokenizer(batch, add_special_tokens=False)["input_ids"]
-        bar.update(len(batch))
-        batch.clear()
-        return out
-
-    for text in texts:
-        batch.append(text)
-        if len(batch) >= batch_size:
-            yield from flush()
-    if batch:
-        yield from flush()
-    bar.close()
-
-
 def build_table(tokenizer, corpus: str = "sharegpt", max_records: Optional[int] = None,
                 batch_size: int = 512, progress: bool = True) -> tuple[dict[str, np.ndarray], dict]:
     """Tokenize the corpus and count its tri-grams. Returns (CSR arrays, meta)."""
@@ -111,7 +71,8 @@ def build_table(tokenizer, corpus: str = "sharegpt", max_records: Optional[int] 
     records = list(corpus_records(corpus, max_records))
     texts = [t for r in records for t in record_texts(r)]
     chunks, n_tokens = [], 0
-    for ids in tokenize_documents(tokenizer, texts, batch_size, progress, total=len(texts)):
+    for ids in tokenize_documents(tokenizer, texts, batch_size, progress, total=len(texts),
+                                  desc="aded: tokenizing corpus"):
         n_tokens += len(ids)
         if len(ids) >= 3:
             chunks.append(triple_codes(ids))
@@ -140,23 +101,6 @@ def ensure_table(cache_dir: Path, tokenizer, corpus: str = "sharegpt", max_recor
     publish_arrays(out, table, meta)
     log.info("aded: table built in %.1f s: %s", meta["build_seconds"], meta)
     return out
-
-
-def publish_arrays(out: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
-    """Write ``arrays`` (one ``.npy`` each) and ``meta.json`` (+ ``file_bytes``) as the directory ``out``, atomically:
-    a half-written cache is never used, and concurrent builders do not collide (the first rename wins)."""
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    for name, arr in arrays.items():
-        np.save(tmp / f"{name}.npy", arr)
-    meta["file_bytes"] = sum(int(arr.nbytes) for arr in arrays.values())
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    try:
-        tmp.rename(out)
-    except OSError:  # another process finished the same directory first
-        shutil.rmtree(tmp)
-        if not (out / "meta.json").exists():
-            raise
 
 
 # ---------------------------------------------------------------------------------------------- table

@@ -383,3 +383,16 @@ def test_sampling_is_exact_on_a_real_lade_tree():
     assert tree.size > 1 and tree.side is not None and tree.side.size == 3 * 2 - 1
     assert_same_distribution(counts, exact)
     assert accepted > trials // 20
+
+
+# ---------------------------------------------------------------------------------------------- host syncs
+def test_host_syncs_per_step():
+    """Per step (``specdec.measure.syncs``, CPU proxy): two uploads (the tree, the side rows), the greedy rule's
+    read and the read of the window's argmaxes; every tensor the model reads is on its device."""
+    from specdec.measure.syncs import host_syncs
+
+    model = tiny_llama(vocab=96, layers=3, seed=0)
+    p = Lade(method_env(model), level=4, window=5, guess=5)
+    report = host_syncs(model, p, [5, 9, 13, 7, 21, 5, 9, 13, 7, 30, 41, 5, 9, 13, 2, 8, 5, 9], 32)
+    assert report["violations"] == [] and report["steps"] > 0
+    assert report["max"] <= 4 and report["by_kind"]["upload"] == 2.0, (report["per_step"], report["sites"])

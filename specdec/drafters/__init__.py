@@ -7,6 +7,8 @@
     heads.py         the trainable heads (Kangaroo adapter, EAGLE layer) and their checkpoint format
     released.py      the released EAGLE-1/2 heads and Kangaroo adapter, loaded strictly in their own key layout
     tree_builder.py  the dynamic trees' shared pool, selection and auto budget
+    vocab.py         FR-Spec's frequency-ranked draft vocabulary (``drafter.vocab: top-<k>``): the LM head cut to
+                     the k most frequent tokens, -inf elsewhere
 
 ``build_drafter`` turns a ``conf/drafter`` config into a drafter around the target; ``require_drafter`` is
 the one clear error a draft-model method gives without one.
@@ -14,17 +16,35 @@ the one clear error a draft-model method gives without one.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
+
+import numpy as np
 
 from specdec.drafters.base import Drafter, EarlyExitDrafter, HFDrafter
+from specdec.drafters.vocab import KINDS as VOCAB_KINDS, draft_vocabulary, parse_vocab
 from specdec.errors import UserError
 
 __all__ = ["Drafter", "EarlyExitDrafter", "HFDrafter", "build_drafter", "require_drafter"]
 
 
-def build_drafter(cfg: Optional[dict], model, tokenizer, vocab_size: int, cache_dir=None) -> Optional[Drafter]:
-    """The drafter named by ``cfg['kind']`` (``none`` | ``hf`` | ``early_exit``), around the target ``model``."""
-    kind = (cfg or {}).get("kind", "none")
+def build_drafter(cfg: Optional[dict], model, tokenizer, vocab_size: int, cache_dir=None,
+                  token_counts: Optional[Callable[[], np.ndarray]] = None) -> Optional[Drafter]:
+    """The drafter named by ``cfg['kind']``, around the target ``model``, drafting over the vocabulary of
+    ``cfg['vocab']`` (``full`` | ``top-<k>``: FR-Spec, specdec/drafters/vocab.py; ``token_counts()`` gives the
+    corpus token counts it ranks by, read only for ``top-<k>``)."""
+    cfg = cfg or {}
+    kind = cfg.get("kind", "none")
+    keep = parse_vocab(cfg.get("vocab"))
+    if keep is not None and kind not in VOCAB_KINDS:
+        raise UserError(f"drafter.vocab=top-{keep} cuts the LM head of drafters {', '.join(VOCAB_KINDS)}; "
+                        f"drafter kind {kind!r} must keep drafter.vocab=full")
+    drafter = _build(kind, cfg, model, tokenizer, vocab_size, cache_dir)
+    if keep is not None:
+        drafter.restrict_vocab(draft_vocabulary(keep, model, tokenizer, vocab_size, token_counts))
+    return drafter
+
+
+def _build(kind: str, cfg: dict, model, tokenizer, vocab_size: int, cache_dir) -> Optional[Drafter]:
     if kind == "none":
         return None
     if kind == "early_exit":

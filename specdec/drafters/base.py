@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 import torch
 from transformers import DynamicCache
 
+from specdec.drafters.vocab import ReducedHead
 from specdec.errors import UserError
 from specdec.verify.layers import LayerRunner, attention_mask, causal_ancestors, keep_rows
 
@@ -109,6 +110,13 @@ class Drafter(ABC):
     def reset_stats(self) -> None:
         """Zero the forward count (the runner does so before the first timed question)."""
         self.forwards = 0
+
+    def restrict_vocab(self, ids: torch.Tensor) -> None:
+        """Draft only tokens ``ids`` (FR-Spec, specdec/drafters/vocab.py): the LM head ``self.lm_head`` is cut to
+        those rows and every other logit is -inf. Drafters without such a head refuse."""
+        if not hasattr(self, "lm_head"):
+            raise UserError(f"drafter={self.kind} has no LM head this harness can cut: drafter.vocab must be full")
+        self.lm_head = ReducedHead(self.lm_head, ids)
 
     # ------------------------------------------------------------------ cache bookkeeping
     def _reset(self) -> None:
@@ -210,6 +218,7 @@ class EarlyExitDrafter(Drafter):
                             f"for this {self.runner.num_layers}-layer model")
         self.exit_layer = exit_layer
         self.head = head
+        self.lm_head = self.runner.lm_head  # the target's (restrict_vocab may cut it)
         super().__init__(vocab_size, model.device, model.dtype)
 
     def _new_caches(self) -> list:
@@ -225,4 +234,4 @@ class EarlyExitDrafter(Drafter):
             hidden = self.head(hidden, positions, mask, self.caches[1])
         if last_only:
             return hidden[0, -1:]  # the caller discards the output: skip the norm and the LM head
-        return self.runner.lm_head(hidden if self.head is not None else self.runner.norm(hidden))[0]
+        return self.lm_head(hidden if self.head is not None else self.runner.norm(hidden))[0]

@@ -60,6 +60,7 @@ from transformers import DynamicCache
 
 from specdec.drafters.base import Drafter
 from specdec.drafters.heads import _decoder, _head_config, head_files
+from specdec.drafters.vocab import ReducedHead
 from specdec.errors import UserError
 from specdec.verify.layers import attention_mask, causal_ancestors
 
@@ -250,6 +251,16 @@ class _FeatureDrafter(Drafter):
 
     def begin(self, tokens: Sequence[int], hidden: torch.Tensor | None = None) -> None:
         self._reset()
+
+    def restrict_vocab(self, ids: torch.Tensor) -> None:
+        """Draft only tokens ``ids`` (FR-Spec, specdec/drafters/vocab.py): every head's vocabulary projection --
+        the shared target LM head or each head's own (bias kept) -- is cut to those rows, in place (the drafter
+        owns its heads; the target's own LM head is never touched)."""
+        heads = self.heads
+        if heads.share_lm_head:
+            heads._shared = (ReducedHead(heads._shared[0], ids),) + tuple(heads._shared[1:])
+        else:
+            heads.lm_heads = nn.ModuleList(ReducedHead(proj, ids) for proj in heads.lm_heads)
 
     @staticmethod
     def _features(tokens: Sequence[int], hidden: torch.Tensor | None) -> torch.Tensor:

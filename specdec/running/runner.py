@@ -16,6 +16,7 @@ import os
 import platform
 import subprocess
 from dataclasses import dataclass
+from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from specdec.drafters import build_drafter
 from specdec.errors import UserError
 from specdec.models import default_cache_dir, load_model, near_tie_gap, resolve_device, resolve_dtype, vocab_size
 from specdec.running.context import ContextPolicy
+from specdec.running.corpus import token_counts
 from specdec.running.prompts import PromptBuilder, stop_ids
 from specdec.verify.proposer import MethodEnv, Proposer, build_proposer
 from specdec.running.results import SCHEMA_VERSION, AnswerFile, answer_record, format_table, summarize, write_json
@@ -78,7 +80,8 @@ class Runner:
         def plain(key):  # a config group as a dict (None if absent)
             return OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) else None
 
-        drafter = build_drafter(plain("drafter"), self.model, self.tokenizer, vocab_size(self.model), default_cache_dir())
+        drafter = build_drafter(plain("drafter"), self.model, self.tokenizer, vocab_size(self.model), default_cache_dir(),
+                                partial(token_counts, default_cache_dir(), self.tokenizer))  # for drafter.vocab=top-k
         env = MethodEnv(vocab_size=vocab_size(self.model), device=self.device, tokenizer=self.tokenizer,
                         model=self.model, seed=int(cfg.seed), cache_dir=str(default_cache_dir()), drafter=drafter,
                         temperature=float(cfg.temperature), top_k=int(cfg.top_k), top_p=float(cfg.top_p),
@@ -177,9 +180,14 @@ RESULT_KEYS = ("model", "method", "drafter", "auto_budget", "task", "max_new_tok
 
 
 def run_identity(cfg: DictConfig) -> dict:
-    """The settings of ``RESULT_KEYS`` in ``cfg``, resolved, as JSON values."""
-    return json.loads(json.dumps({key: OmegaConf.to_container(cfg[key], resolve=True)
-                                  if OmegaConf.is_config(cfg[key]) else cfg[key] for key in RESULT_KEYS if key in cfg}))
+    """The settings of ``RESULT_KEYS`` in ``cfg``, resolved, as JSON values. ``drafter.vocab: full`` is left out: the
+    key came later (FR-Spec, docs/fr_spec.md), and run dirs made before it drafted with the full vocabulary."""
+    identity = json.loads(json.dumps({key: OmegaConf.to_container(cfg[key], resolve=True)
+                                      if OmegaConf.is_config(cfg[key]) else cfg[key]
+                                      for key in RESULT_KEYS if key in cfg}))
+    if isinstance(identity.get("drafter"), dict) and identity["drafter"].get("vocab") == "full":
+        del identity["drafter"]["vocab"]
+    return identity
 
 
 def record_session(path: Path, env: dict, questions_done: int, cfg: DictConfig) -> list[dict]:
