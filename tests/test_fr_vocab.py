@@ -232,7 +232,8 @@ def test_greedy_equals_ar_with_a_top_4096_draft_vocabulary(method, drafter, knob
 
 
 # ---------------------------------------------------------------------------------------------- sampling
-@pytest.mark.parametrize("method", ["sps", pytest.param("specinfer", marks=pytest.mark.full)])
+@pytest.mark.full
+@pytest.mark.parametrize("method", ["sps", "specinfer"])
 def test_sampling_is_exact_with_a_q_zero_outside_the_subset(method):
     """T = 1, a 6-token target drafted by its own first layer cut to 3 tokens: the first two committed tokens
     follow p(x1) p(x2 | x1), although q is zero on half the vocabulary (SpS's single-draft rule, SpecInfer's

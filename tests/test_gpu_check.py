@@ -42,6 +42,7 @@ def cpu_report(tmp_path_factory):
     return done, json.loads(out.read_text()) if out.exists() else None
 
 
+@pytest.mark.full
 def test_the_cpu_check_runs_without_hydra_datasets_wandb_and_passes(cpu_report):
     done, report = cpu_report
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -52,6 +53,7 @@ def test_the_cpu_check_runs_without_hydra_datasets_wandb_and_passes(cpu_report):
         assert section["pass"] is True and "error" not in section and section["seconds"] >= 0, name
 
 
+@pytest.mark.full
 def test_tree_and_compaction_sections_hold_numbers(cpu_report):
     sections = cpu_report[1]["sections"]
     kernels = sections["tree_vs_paths"]["kernels"]
@@ -67,6 +69,7 @@ def test_tree_and_compaction_sections_hold_numbers(cpu_report):
     assert any(len(c["path"]) > 2 for c in compaction) and all(c["cache_max_diff"] <= c["tol"] for c in compaction)
 
 
+@pytest.mark.full
 def test_every_method_config_is_checked_against_ar(cpu_report):
     """Each conf/method YAML ran (or is skipped with a reason), equals AR or diverged at a near-tie, and its warm-up
     sizes (``Proposer.tree_sizes``) reach the largest tree it verified."""
@@ -82,6 +85,7 @@ def test_every_method_config_is_checked_against_ar(cpu_report):
     assert ran["ar"]["mat"] == 1.0 and ran["recycle"]["max_tree_size"] == 81
 
 
+@pytest.mark.full
 def test_drafter_syncs_speed_and_memory_sections_hold_numbers(cpu_report):
     sections = cpu_report[1]["sections"]
     drafters = sections["drafters"]

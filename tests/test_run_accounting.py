@@ -5,6 +5,7 @@ resumed sampled run draws exactly as an uninterrupted one (every random stream s
 import json
 import shutil
 
+import pytest
 from hydra import compose, initialize_config_dir
 
 from specdec.running import compare as compare_module
@@ -57,6 +58,7 @@ def test_compare_arms_compose_their_own_drafters(monkeypatch):
                                                                           "sps": "early_exit"}
 
 
+@pytest.mark.full
 def test_compare_runs_draft_methods_with_their_drafters_and_clean_stats(tiny_model_dir, tmp_path):
     out = tmp_path / "cmp"
     compare_cli(f"model.path={tiny_model_dir}", "model.name=tiny", f"hydra.run.dir={out}", "task.per_category=1",
@@ -72,6 +74,7 @@ def test_compare_runs_draft_methods_with_their_drafters_and_clean_stats(tiny_mod
     assert summary(out / "sps")["method_stats"]["draft_forwards"] == summary(alone)["method_stats"]["draft_forwards"]
 
 
+@pytest.mark.full
 def test_resumed_sampled_run_draws_as_an_uninterrupted_one(tiny_model_dir, tmp_path):
     """T = 1 with a sampled draft chain (sps): cut the finished run after 3 of its 6 questions and resume it."""
     args = ("method=sps", *DRAFT, "temperature=1.0", "logger=none", "threads=1", "baseline=none")
