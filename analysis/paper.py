@@ -50,7 +50,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from specdec.errors import UserError
+from specdec.errors import UserError, print_error
 from tasks import TASKS
 
 from .load import run_info
@@ -405,8 +405,7 @@ def main(argv=None) -> int:
             table, caption = spec_bench_table(args.runs, methods)
             layout = SPEC_BENCH_BOARD
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return print_error(err)
     paths = write_table(table, caption, layout, args.out)
     print("wrote " + ", ".join(map(str, paths)))
     return 0

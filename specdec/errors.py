@@ -19,6 +19,12 @@ class SettingError(UserError, ValueError):
     building a method is a bug and keeps its traceback."""
 
 
+def print_error(err: UserError) -> int:
+    """Print ``err`` as the one ``error:`` line every entry point gives for bad input; return its exit code, 2."""
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
 @dataclass(frozen=True)
 class FailedJob:
     """What a sweep job refused by a ``UserError`` returns to Hydra: its run dir and the one-line reason."""
@@ -42,9 +48,9 @@ def run_in_output_dir(job) -> FailedJob | None:
     try:
         job(out_dir)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        code = print_error(err)
         if hydra_cfg.mode != RunMode.MULTIRUN:
-            sys.exit(2)
+            sys.exit(code)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / ERROR_FILE).write_text(f"{err}\n", encoding="utf-8")
         return FailedJob(str(out_dir), str(err))

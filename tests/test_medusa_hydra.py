@@ -293,18 +293,23 @@ def test_released_hydra_loader_is_strict(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- the fills
+def first_tree(model, kind: str, heads):
+    """(proposer, tokens, the target's features of tokens[:-1], its first tree) of ``kind`` over ``heads``."""
+    from specdec.verify.proposer import Context
+
+    p = proposer_for(model, kind, heads)
+    tokens = list(range(3, 15))
+    hidden = features(model, tokens[:-1])
+    ctx = Context(tokens=tokens, prompt_len=len(tokens), remaining=50, hidden=hidden)
+    p.begin(ctx)
+    return p, tokens, hidden, p.propose(ctx)
+
+
 def test_medusa_fill_is_the_released_buffer_fill():
     """Node tokens = candidates[tree_indices] with candidates = [root, head 0's top 10, ..., head 3's top 10] and
     tree_indices = rank + 10 (depth - 1) + 1 (generate_medusa_buffers / generate_candidates)."""
     model = tiny_llama()
-    p = proposer_for(model, "medusa", random_heads(model, "medusa", num_heads=4))
-    tokens = list(range(3, 15))
-    ctx_hidden = features(model, tokens[:-1])
-    from specdec.verify.proposer import Context
-
-    ctx = Context(tokens=tokens, prompt_len=len(tokens), remaining=50, hidden=ctx_hidden)
-    p.begin(ctx)
-    tree = p.propose(ctx)
+    p, tokens, ctx_hidden, tree = first_tree(model, "medusa", random_heads(model, "medusa", num_heads=4))
     with torch.no_grad():
         head_logits = p.drafter.heads(ctx_hidden[-1:])[:, 0]                       # [4, V]
     candidates = torch.cat([torch.tensor([tokens[-1]]), torch.topk(head_logits, 10).indices.reshape(-1)])
@@ -318,14 +323,7 @@ def test_hydra_fill_reads_each_parents_own_row():
     """Every node's token is the rank-r best of head d-1 on its own path (recomputed node by node)."""
     model = tiny_llama()
     heads = random_heads(model, "hydra", num_heads=3, num_layers=2, arch="prefix-mlp")
-    p = proposer_for(model, "hydra", heads)
-    tokens = list(range(3, 15))
-    hidden = features(model, tokens[:-1])
-    from specdec.verify.proposer import Context
-
-    ctx = Context(tokens=tokens, prompt_len=len(tokens), remaining=50, hidden=hidden)
-    p.begin(ctx)
-    tree = p.propose(ctx)
+    p, tokens, hidden, tree = first_tree(model, "hydra", heads)
     with torch.no_grad():
         z = heads.prefix_states(hidden[None], torch.arange(len(hidden))[None])[0, -1]
     template = p.templates[3]

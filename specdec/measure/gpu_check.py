@@ -50,7 +50,7 @@ from specdec import PROJECT_ROOT
 from specdec.drafters import EarlyExitDrafter, HFDrafter
 from specdec.drafters.eagle import EagleDrafter
 from specdec.drafters.heads import EagleHead, KangarooAdapter
-from specdec.errors import UserError
+from specdec.errors import UserError, print_error
 from specdec.models import DTYPES, NEAR_TIE_GAP, resolve_device, resolve_dtype
 from specdec.verify.acceptance import Greedy, make_rule
 from specdec.verify.decode import Generation, Stopwatch, generate
@@ -753,8 +753,7 @@ def main(argv=None) -> int:
     try:
         report = run(args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return print_error(err)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(plain_json(report), indent=1) + "\n")

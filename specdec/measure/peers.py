@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 
 from specdec import EMBEDDED_MODEL
-from specdec.errors import UserError
+from specdec.errors import UserError, print_error
 from specdec.measure.harness import interleave, method_config, our_generate, save_report, task_turns
 from specdec.models import embedded_gguf, load_model, torch_threads, vocab_size
 from specdec.running.prompts import PromptBuilder, stop_ids
@@ -134,8 +134,7 @@ def main(argv=None) -> int:
     try:
         report = bench(args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return print_error(err)
     import pandas as pd
 
     print(pd.DataFrame(report["table"]).to_markdown(index=False, floatfmt=".3f"))

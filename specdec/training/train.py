@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from specdec import PROJECT_ROOT
-from specdec.errors import UserError
+from specdec.errors import UserError, print_error
 from specdec.verify.layers import LayerRunner, attention_mask, causal_ancestors
 
 log = logging.getLogger(__name__)
@@ -656,8 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(cfg.threads)  # process-wide: only the command line sets it
         summary = train(cfg)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return print_error(err)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
     return 0
 

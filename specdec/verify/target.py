@@ -134,13 +134,10 @@ class Target:
             return self._score_with_side(tree, P)
         if tree.shallow is not None:  # Kangaroo: resume at layer ℓ from the drafter's states (docs/verifier.md §10)
             return self.score_from(tree, tree.shallow)
+        mask = None if tree.size == 1 else self.tree_mask(tree, P)  # the plain one-token step: causal == tree
         with self._tap_hidden():
-            if tree.size == 1:  # the plain one-token step: no mask needed, causal == tree
-                out = self.model(input_ids=tree.tokens[None], position_ids=(P + tree.depth)[None],
-                                 past_key_values=self.cache, use_cache=True)
-            else:
-                out = self.model(input_ids=tree.tokens[None], attention_mask=self.tree_mask(tree, P),
-                                 position_ids=(P + tree.depth)[None], past_key_values=self.cache, use_cache=True)
+            out = self.model(input_ids=tree.tokens[None], attention_mask=mask, position_ids=(P + tree.depth)[None],
+                             past_key_values=self.cache, use_cache=True)
         return out.logits[0].float()
 
     def _score_with_side(self, tree: DraftTree, P: int) -> torch.Tensor:
